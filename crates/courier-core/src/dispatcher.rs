@@ -1,0 +1,693 @@
+//! The dispatcher: runs typed handlers on a subscription's deliveries, each inside a
+//! service-database transaction that also records the inbox row (idempotent consumer)
+//! and the handler's outgoing messages (outbox): consume → change → produce is atomic.
+//!
+//! Failures: a transient handler error is retried with backoff ([`RetryPolicy`]); later
+//! messages with the same key wait behind it (other keys keep flowing); when retries are
+//! used up, or the error is permanent, the message becomes a dead letter and its key stays
+//! blocked (later messages with that key are parked as dead letters too) until an operator
+//! retries or discards it. See `docs/adr/0002-failing-messages-and-key-order.md`.
+
+use crate::dead_letter::{DeadLetter, DeadLetterReason, DeadLetterStatus, NewDeadLetter};
+use crate::error::{Error, ErrorKind, Result};
+use crate::handler::{ErasedHandler, HandlerContext, HandlerError, TypedHandler};
+use crate::headers::Headers;
+use crate::message::{DEFAULT_MAX_MESSAGE_BYTES, Message, MessageId, now_ms};
+use crate::names::GroupName;
+use crate::codec::Contract;
+use crate::retry::RetryPolicy;
+use crate::store::MessageStore;
+use crate::transport::{Delivery, Subscription};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// How the dispatcher batches, retries and bounds its memory.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct DispatcherConfig {
+    /// Retries of transient handler failures.
+    pub retry: RetryPolicy,
+    /// Most messages handled in one service transaction (each in its own savepoint).
+    pub max_batch: usize,
+    /// Larger messages are dead-lettered as oversized.
+    pub max_message_bytes: usize,
+    /// How often operator actions on dead letters (retry / discard) are picked up.
+    pub redrive_interval: Duration,
+    /// Most messages held back behind retrying keys before the dispatcher stops reading.
+    pub max_held: usize,
+}
+
+impl Default for DispatcherConfig {
+    fn default() -> Self {
+        Self {
+            retry: RetryPolicy::default(),
+            max_batch: 64,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            redrive_interval: Duration::from_millis(500),
+            max_held: 10_000,
+        }
+    }
+}
+
+impl DispatcherConfig {
+    /// Set the retry policy.
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+    /// Set the batch bound.
+    pub fn max_batch(mut self, n: usize) -> Self {
+        self.max_batch = n.max(1);
+        self
+    }
+    /// Set the size limit.
+    pub fn max_message_bytes(mut self, n: usize) -> Self {
+        self.max_message_bytes = n;
+        self
+    }
+    /// Set the redrive poll interval.
+    pub fn redrive_interval(mut self, d: Duration) -> Self {
+        self.redrive_interval = d;
+        self
+    }
+}
+
+/// Counters of what a dispatcher did (shared; read them while it runs).
+#[derive(Debug, Default)]
+pub struct DispatcherStats {
+    /// Handlers that succeeded and committed.
+    pub handled: AtomicU64,
+    /// Deliveries skipped because the inbox had them.
+    pub duplicates: AtomicU64,
+    /// Transient failures scheduled for retry.
+    pub retries: AtomicU64,
+    /// Messages stored as dead letters (parked ones included).
+    pub dead_lettered: AtomicU64,
+    /// Dead letters handled after an operator's retry.
+    pub redriven: AtomicU64,
+}
+
+/// Runs handlers for one subscriber (consumer group) over a service database.
+pub struct Dispatcher<S: MessageStore> {
+    store: S,
+    subscriber: GroupName,
+    handlers: HashMap<String, Arc<dyn ErasedHandler<S>>>,
+    config: DispatcherConfig,
+    stats: Arc<DispatcherStats>,
+}
+
+impl<S: MessageStore> fmt::Debug for Dispatcher<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field("subscriber", &self.subscriber)
+            .field("handles", &self.handlers.keys().collect::<Vec<_>>())
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+struct Pending {
+    delivery: Delivery,
+    failures: u32,
+    first_failed_ms: u64,
+}
+
+impl Pending {
+    fn hold_key(&self) -> String {
+        match &self.delivery.message {
+            Ok(m) => match m.headers.partition_key() {
+                Some(k) => format!("k:{k}"),
+                None => format!("id:{}", m.id),
+            },
+            Err(m) => format!("raw:{}", m.raw_id),
+        }
+    }
+}
+
+enum Disposition {
+    Ack,
+    Failed(String),
+    Held,
+}
+
+enum Applied {
+    Done,
+    Failed(String),
+}
+
+#[derive(Default)]
+struct State {
+    held: HashMap<String, VecDeque<Pending>>,
+    held_count: usize,
+    timers: BinaryHeap<Reverse<(Instant, u64, String)>>,
+    timer_seq: u64,
+    blocking: bool,
+}
+
+impl<S: MessageStore> Dispatcher<S> {
+    /// A dispatcher for `subscriber` (its consumer group name, also its inbox name).
+    pub fn new(store: S, subscriber: GroupName) -> Self {
+        Self {
+            store,
+            subscriber,
+            handlers: HashMap::new(),
+            config: DispatcherConfig::default(),
+            stats: Arc::default(),
+        }
+    }
+
+    /// Register the handler of message type `T`.
+    ///
+    /// ```ignore
+    /// dispatcher.on(|ctx: HandlerContext<SqliteStore>, e: MenuRevised| async move {
+    ///     sqlx::query("update menus set ...").execute(&mut *ctx.tx().await).await?;
+    ///     Ok(())
+    /// })
+    /// ```
+    pub fn on<T, F, Fut>(mut self, handler: F) -> Self
+    where
+        T: Contract,
+        F: Fn(HandlerContext<S>, T) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+    {
+        self.handlers.insert(
+            T::TYPE.to_owned(),
+            Arc::new(TypedHandler::<T, F> {
+                f: handler,
+                _t: std::marker::PhantomData,
+            }),
+        );
+        self
+    }
+
+    /// Replace the configuration.
+    pub fn with_config(mut self, config: DispatcherConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> Arc<DispatcherStats> {
+        self.stats.clone()
+    }
+
+    /// The message types with a handler.
+    pub fn message_types(&self) -> impl Iterator<Item = &str> {
+        self.handlers.keys().map(String::as_str)
+    }
+
+    /// Handle deliveries until `shutdown` resolves or the subscription ends. Returns an
+    /// error only when the service database stays unusable.
+    pub async fn run(
+        self,
+        mut subscription: Subscription,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<()> {
+        let mut st = State {
+            blocking: self.store.blocking_dead_letters(self.subscriber.as_str()).await? > 0,
+            ..State::default()
+        };
+        let mut redrive = tokio::time::interval(self.config.redrive_interval);
+        redrive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            let next_timer = st.timers.peek().map(|Reverse((t, _, _))| *t);
+            let can_read = st.held_count < self.config.max_held;
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => return Ok(()),
+                _ = tokio::time::sleep_until(next_timer.unwrap_or_else(Instant::now)), if next_timer.is_some() => {
+                    let batch = self.take_due(&mut st);
+                    self.process(batch, &mut st).await;
+                }
+                d = subscription.next(), if can_read => {
+                    let Some(d) = d else { return Ok(()) };
+                    let mut batch = Vec::new();
+                    self.route(d, &mut batch, &mut st);
+                    while batch.len() < self.config.max_batch {
+                        match subscription.try_next() {
+                            Some(d) => self.route(d, &mut batch, &mut st),
+                            None => break,
+                        }
+                    }
+                    self.process(batch, &mut st).await;
+                }
+                _ = redrive.tick() => {
+                    if let Err(e) = self.redrive(&mut st).await {
+                        tracing::warn!(subscriber = %self.subscriber, error = %e, "redrive of dead letters failed; will try again");
+                    }
+                }
+            }
+        }
+    }
+
+    fn route(&self, delivery: Delivery, batch: &mut Vec<Pending>, st: &mut State) {
+        let p = Pending {
+            delivery,
+            failures: 0,
+            first_failed_ms: 0,
+        };
+        let key = p.hold_key();
+        if let Some(q) = st.held.get_mut(&key) {
+            q.push_back(p);
+            st.held_count += 1;
+        } else {
+            batch.push(p);
+        }
+    }
+
+    fn take_due(&self, st: &mut State) -> Vec<Pending> {
+        let now = Instant::now();
+        let mut batch = Vec::new();
+        while let Some(Reverse((t, _, _))) = st.timers.peek() {
+            if *t > now || batch.len() >= self.config.max_batch {
+                break;
+            }
+            let Some(Reverse((_, _, key))) = st.timers.pop() else { break };
+            if let Some(q) = st.held.get_mut(&key) {
+                let n = q.len().min(self.config.max_batch.max(1));
+                batch.extend(q.drain(..n));
+                st.held_count -= n;
+                if q.is_empty() {
+                    st.held.remove(&key);
+                }
+            }
+        }
+        batch
+    }
+
+    /// Handle a batch in one transaction, retrying the whole batch with backoff while the
+    /// service database fails (nothing is acked before the commit).
+    async fn process(&self, batch: Vec<Pending>, st: &mut State) {
+        if batch.is_empty() {
+            return;
+        }
+        let mut outage = 0u32;
+        loop {
+            match self.try_batch(&batch, st).await {
+                Ok(dispositions) => {
+                    self.settle(batch, dispositions, st).await;
+                    return;
+                }
+                Err(e) => {
+                    outage += 1;
+                    let delay = self.config.retry.backoff(outage).max(Duration::from_millis(10));
+                    tracing::warn!(subscriber = %self.subscriber, error = %e, ?delay,
+                        "service database failed during a batch; retrying the batch");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    async fn try_batch(&self, batch: &[Pending], st: &mut State) -> Result<Vec<Disposition>> {
+        let mut tx = self.store.begin().await?;
+        let mut out = Vec::with_capacity(batch.len());
+        let mut failed_keys = HashSet::new();
+        let mut new_blocking = false;
+        for p in batch {
+            let key = p.hold_key();
+            if failed_keys.contains(&key) {
+                out.push(Disposition::Held);
+                continue;
+            }
+            let (t, applied, blocks) = self.apply(tx, p, st.blocking || new_blocking).await?;
+            tx = t;
+            new_blocking |= blocks;
+            match applied {
+                Applied::Done => out.push(Disposition::Ack),
+                Applied::Failed(e) => {
+                    failed_keys.insert(key);
+                    out.push(Disposition::Failed(e));
+                }
+            }
+        }
+        self.store.commit(tx).await?;
+        st.blocking |= new_blocking;
+        Ok(out)
+    }
+
+    async fn settle(&self, batch: Vec<Pending>, dispositions: Vec<Disposition>, st: &mut State) {
+        let mut returned: HashMap<String, Vec<Pending>> = HashMap::new();
+        let mut order: Vec<String> = Vec::new();
+        for (mut p, d) in batch.into_iter().zip(dispositions) {
+            match d {
+                Disposition::Ack => {
+                    if let Err(e) = p.delivery.ack().await {
+                        tracing::warn!(error = %e, "ack failed; the broker will redeliver and the inbox will skip it");
+                    }
+                }
+                Disposition::Failed(error) => {
+                    p.failures += 1;
+                    if p.first_failed_ms == 0 {
+                        p.first_failed_ms = now_ms();
+                    }
+                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    let delay = self
+                        .config
+                        .retry
+                        .next_delay(p.failures)
+                        .unwrap_or(self.config.retry.max_delay);
+                    let key = p.hold_key();
+                    tracing::info!(subscriber = %self.subscriber, key = %key, attempt = p.failures, ?delay, %error,
+                        "handler failed transiently; retrying later, same-key messages wait");
+                    st.timer_seq += 1;
+                    st.timers.push(Reverse((Instant::now() + delay, st.timer_seq, key.clone())));
+                    if !returned.contains_key(&key) {
+                        order.push(key.clone());
+                    }
+                    returned.entry(key).or_default().push(p);
+                }
+                Disposition::Held => {
+                    let key = p.hold_key();
+                    if !returned.contains_key(&key) {
+                        order.push(key.clone());
+                    }
+                    returned.entry(key).or_default().push(p);
+                }
+            }
+        }
+        for key in order {
+            if let Some(items) = returned.remove(&key) {
+                let q = st.held.entry(key).or_default();
+                st.held_count += items.len();
+                for p in items.into_iter().rev() {
+                    q.push_front(p);
+                }
+            }
+        }
+    }
+
+    /// Apply one message inside `tx`. Returns the transaction, what happened, and whether
+    /// a key-blocking dead letter was written.
+    async fn apply(
+        &self,
+        mut tx: S::Tx,
+        p: &Pending,
+        blocking: bool,
+    ) -> Result<(S::Tx, Applied, bool)> {
+        let sub = self.subscriber.as_str();
+        let msg = match &p.delivery.message {
+            Ok(m) => m,
+            Err(raw) => {
+                let dl = self.dead_letter_raw(p, raw, DeadLetterReason::Malformed, &raw.reason);
+                self.store.dead_letter_insert(&mut tx, &dl).await?;
+                self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                return Ok((tx, Applied::Done, false));
+            }
+        };
+        if let Err(e) = msg.check_size(self.config.max_message_bytes) {
+            let dl = self.dead_letter(p, msg, DeadLetterReason::Oversized, &e.to_string(), DeadLetterStatus::Dead);
+            self.store.dead_letter_insert(&mut tx, &dl).await?;
+            self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            return Ok((tx, Applied::Done, false));
+        }
+        if blocking
+            && let Some(key) = msg.headers.partition_key()
+            && self.store.key_blocked(&mut tx, sub, key).await?
+        {
+            let dl = self.dead_letter(
+                p,
+                msg,
+                DeadLetterReason::Parked,
+                &format!("held back: an earlier message with key {key:?} is a dead letter of {sub}"),
+                DeadLetterStatus::Parked,
+            );
+            self.store.dead_letter_insert(&mut tx, &dl).await?;
+            self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            return Ok((tx, Applied::Done, true));
+        }
+        self.store.savepoint(&mut tx).await?;
+        if !self.store.inbox_record(&mut tx, sub, &msg.id.to_string()).await? {
+            self.store.release_savepoint(&mut tx).await?;
+            self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            return Ok((tx, Applied::Done, false));
+        }
+        let (mut tx, outcome) = self.run_handler(tx, msg, p.failures + 1).await?;
+        match outcome {
+            Ok(()) => {
+                self.store.release_savepoint(&mut tx).await?;
+                self.stats.handled.fetch_add(1, Ordering::Relaxed);
+                Ok((tx, Applied::Done, false))
+            }
+            Err(Refusal::NotHandled(reason, error)) => {
+                self.store.rollback_savepoint(&mut tx).await?;
+                let dl = self.dead_letter(p, msg, reason, &error, DeadLetterStatus::Dead);
+                self.store.dead_letter_insert(&mut tx, &dl).await?;
+                self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                Ok((tx, Applied::Done, reason.blocks_key()))
+            }
+            Err(Refusal::Failed(e)) => {
+                self.store.rollback_savepoint(&mut tx).await?;
+                let attempts = p.failures + 1;
+                let exhausted = self.config.retry.next_delay(attempts).is_none();
+                if e.is_transient() && !exhausted {
+                    return Ok((tx, Applied::Failed(e.to_string()), false));
+                }
+                let reason = if e.is_undecodable() {
+                    DeadLetterReason::Undecodable
+                } else if e.is_transient() {
+                    DeadLetterReason::Exhausted
+                } else {
+                    DeadLetterReason::Permanent
+                };
+                tracing::warn!(subscriber = sub, message = %msg.id, %reason, error = %e, "message dead-lettered");
+                let dl = self.dead_letter(p, msg, reason, &e.to_string(), DeadLetterStatus::Dead);
+                self.store.dead_letter_insert(&mut tx, &dl).await?;
+                self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                Ok((tx, Applied::Done, reason.blocks_key()))
+            }
+        }
+    }
+
+    /// Find the handler and run it with the transaction; on success the handler's
+    /// outgoing messages are written to the outbox in the same transaction.
+    async fn run_handler(
+        &self,
+        tx: S::Tx,
+        msg: &Message,
+        attempt: u32,
+    ) -> Result<(S::Tx, std::result::Result<(), Refusal>)> {
+        if let Some(deadline) = msg.headers.deadline_ms().ok().flatten()
+            && deadline < now_ms()
+        {
+            return Ok((
+                tx,
+                Err(Refusal::NotHandled(
+                    DeadLetterReason::Expired,
+                    format!("deadline {deadline} (ms since epoch) passed before delivery"),
+                )),
+            ));
+        }
+        let handler = match msg.headers.message_type() {
+            Ok(Some(ty)) => match self.handlers.get(ty.as_str()) {
+                Some(h) => h.clone(),
+                None => {
+                    return Ok((
+                        tx,
+                        Err(Refusal::NotHandled(
+                            DeadLetterReason::UnknownType,
+                            format!("{} has no handler for message type {ty:?}", self.subscriber),
+                        )),
+                    ));
+                }
+            },
+            Ok(None) => {
+                return Ok((
+                    tx,
+                    Err(Refusal::NotHandled(
+                        DeadLetterReason::UnknownType,
+                        "message has no 'type' header".to_owned(),
+                    )),
+                ));
+            }
+            Err(e) => {
+                return Ok((
+                    tx,
+                    Err(Refusal::NotHandled(DeadLetterReason::Malformed, e.to_string())),
+                ));
+            }
+        };
+        let envelope = Arc::new(msg.clone());
+        let (ctx, tx_cell, outgoing) = HandlerContext::<S>::new(tx, envelope, attempt);
+        let fut = handler.call(ctx, msg);
+        let result = match futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(fut)).await {
+            Ok(r) => r,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".to_owned());
+                Err(HandlerError::transient(format!("handler panicked: {what}")))
+            }
+        };
+        let mut tx = match Arc::try_unwrap(tx_cell) {
+            Ok(m) => m.into_inner(),
+            Err(_) => {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!(
+                        "the handler of message {} kept its HandlerContext after returning; \
+                         do not move the context into spawned tasks",
+                        msg.id
+                    ),
+                ));
+            }
+        };
+        match result {
+            Ok(()) => {
+                let out = std::mem::take(&mut *outgoing.lock().map_err(|_| {
+                    Error::new(ErrorKind::Closed, "handler context poisoned")
+                })?);
+                if !out.is_empty() {
+                    self.store.outbox_insert(&mut tx, &out).await?;
+                }
+                Ok((tx, Ok(())))
+            }
+            Err(e) => Ok((tx, Err(Refusal::Failed(e)))),
+        }
+    }
+
+    fn dead_letter(
+        &self,
+        p: &Pending,
+        msg: &Message,
+        reason: DeadLetterReason,
+        error: &str,
+        status: DeadLetterStatus,
+    ) -> NewDeadLetter {
+        let now = now_ms();
+        NewDeadLetter {
+            subscriber: self.subscriber.to_string(),
+            channel: p.delivery.channel.to_string(),
+            message_id: msg.id.to_string(),
+            partition_key: msg.headers.partition_key().map(str::to_owned),
+            message_type: msg.headers.get(crate::headers::TYPE).map(str::to_owned),
+            headers_json: msg.headers.to_json(),
+            payload: msg.payload.clone(),
+            reason,
+            error: error.to_owned(),
+            attempts: p.failures + 1,
+            first_failed_at_ms: if p.first_failed_ms == 0 { now } else { p.first_failed_ms },
+            last_failed_at_ms: now,
+            status,
+        }
+    }
+
+    fn dead_letter_raw(
+        &self,
+        p: &Pending,
+        raw: &crate::transport::Malformed,
+        reason: DeadLetterReason,
+        error: &str,
+    ) -> NewDeadLetter {
+        let now = now_ms();
+        NewDeadLetter {
+            subscriber: self.subscriber.to_string(),
+            channel: p.delivery.channel.to_string(),
+            message_id: raw.raw_id.clone(),
+            partition_key: None,
+            message_type: None,
+            headers_json: raw.raw_headers.clone(),
+            payload: raw.payload.clone(),
+            reason,
+            error: error.to_owned(),
+            attempts: 1,
+            first_failed_at_ms: now,
+            last_failed_at_ms: now,
+            status: DeadLetterStatus::Dead,
+        }
+    }
+
+    /// Pick up dead letters an operator asked to retry, handle each in its own
+    /// transaction, and refresh whether any key is blocked.
+    async fn redrive(&self, st: &mut State) -> Result<()> {
+        let sub = self.subscriber.as_str();
+        loop {
+            let batch = self.store.redrive_batch(sub, 100).await?;
+            if batch.is_empty() {
+                break;
+            }
+            let mut failed_keys: HashSet<String> = HashSet::new();
+            let mut progressed = false;
+            for dl in batch {
+                if let Some(k) = &dl.record.partition_key
+                    && failed_keys.contains(k)
+                {
+                    continue;
+                }
+                match self.redrive_one(&dl).await? {
+                    None => {
+                        progressed = true;
+                        self.stats.redriven.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some(error) => {
+                        tracing::warn!(subscriber = sub, dead_letter = dl.id, %error, "retried dead letter failed again");
+                        self.store.dead_letter_failed_again(&dl, &error, now_ms()).await?;
+                        if let Some(k) = &dl.record.partition_key {
+                            failed_keys.insert(k.clone());
+                        }
+                    }
+                }
+            }
+            if !progressed {
+                break;
+            }
+        }
+        st.blocking = self.store.blocking_dead_letters(sub).await? > 0;
+        Ok(())
+    }
+
+    /// `None` when handled; `Some(error)` when it failed again.
+    async fn redrive_one(&self, dl: &DeadLetter) -> Result<Option<String>> {
+        let r = &dl.record;
+        let msg = match (MessageId::parse(&r.message_id), Headers::from_json(&r.headers.to_string())) {
+            (Ok(id), Ok(headers)) => Message {
+                id,
+                headers,
+                payload: r.payload.clone(),
+            },
+            (Err(e), _) | (_, Err(e)) => return Ok(Some(format!("still malformed: {e}"))),
+        };
+        let mut tx = self.store.begin().await?;
+        self.store.savepoint(&mut tx).await?;
+        if !self.store.inbox_record(&mut tx, self.subscriber.as_str(), &r.message_id).await? {
+            // Already handled (e.g. a duplicate delivery was parked): just resolve it.
+            self.store.release_savepoint(&mut tx).await?;
+            self.store.dead_letter_resolved(&mut tx, dl).await?;
+            self.store.commit(tx).await?;
+            return Ok(None);
+        }
+        let (mut tx, outcome) = self.run_handler(tx, &msg, r.attempts + 1).await?;
+        match outcome {
+            Ok(()) => {
+                self.store.release_savepoint(&mut tx).await?;
+                self.store.dead_letter_resolved(&mut tx, dl).await?;
+                self.store.commit(tx).await?;
+                Ok(None)
+            }
+            Err(refusal) => {
+                self.store.rollback_savepoint(&mut tx).await?;
+                drop(tx);
+                Ok(Some(match refusal {
+                    Refusal::NotHandled(reason, e) => format!("{reason}: {e}"),
+                    Refusal::Failed(e) => e.to_string(),
+                }))
+            }
+        }
+    }
+}
+
+enum Refusal {
+    /// Never reached a handler (no handler, expired, malformed type).
+    NotHandled(DeadLetterReason, String),
+    /// The handler returned an error (or panicked).
+    Failed(HandlerError),
+}

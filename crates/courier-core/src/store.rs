@@ -1,0 +1,95 @@
+//! The service database seen by the dispatcher: transactions, inbox, outbox, dead letters.
+//!
+//! Backends (`courier-sqlite`, later PostgreSQL) implement [`MessageStore`]; the
+//! dispatcher runs every handler inside a store transaction that also records the inbox
+//! row and the outgoing messages, so consume → change state → produce commits as one.
+
+use crate::dead_letter::{DeadLetter, NewDeadLetter};
+use crate::error::Result;
+use crate::message::Message;
+use std::future::Future;
+
+/// A service database that can host Courier's inbox, outbox and dead letters.
+pub trait MessageStore: Clone + Send + Sync + 'static {
+    /// An open transaction.
+    type Tx: Send + 'static;
+    /// What handlers run their own SQL on (e.g. `sqlx::SqliteConnection`).
+    type Conn: ?Sized + Send + 'static;
+
+    /// The connection inside a transaction.
+    fn conn(tx: &mut Self::Tx) -> &mut Self::Conn;
+
+    /// Begin a write transaction.
+    fn begin(&self) -> impl Future<Output = Result<Self::Tx>> + Send;
+
+    /// Commit.
+    fn commit(&self, tx: Self::Tx) -> impl Future<Output = Result<()>> + Send;
+
+    /// Open a savepoint (one per message in a batch).
+    fn savepoint(&self, tx: &mut Self::Tx) -> impl Future<Output = Result<()>> + Send;
+
+    /// Undo everything since the last savepoint and close it.
+    fn rollback_savepoint(&self, tx: &mut Self::Tx) -> impl Future<Output = Result<()>> + Send;
+
+    /// Keep everything since the last savepoint and close it.
+    fn release_savepoint(&self, tx: &mut Self::Tx) -> impl Future<Output = Result<()>> + Send;
+
+    /// Record that `subscriber` handled `message_id`; `false` if it already had.
+    fn inbox_record(
+        &self,
+        tx: &mut Self::Tx,
+        subscriber: &str,
+        message_id: &str,
+    ) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Put messages in the outbox inside the transaction; the relay publishes them after
+    /// commit.
+    fn outbox_insert(
+        &self,
+        tx: &mut Self::Tx,
+        messages: &[Message],
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Store a dead letter (ignored if `subscriber` already has one for that message id).
+    fn dead_letter_insert(
+        &self,
+        tx: &mut Self::Tx,
+        dead_letter: &NewDeadLetter,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Whether a dead letter of `subscriber` holds back messages with `key`.
+    fn key_blocked(
+        &self,
+        tx: &mut Self::Tx,
+        subscriber: &str,
+        key: &str,
+    ) -> impl Future<Output = Result<bool>> + Send;
+
+    /// How many dead letters of `subscriber` hold back a key (0 lets the dispatcher skip
+    /// the per-message check).
+    fn blocking_dead_letters(&self, subscriber: &str) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Dead letters of `subscriber` an operator asked to retry, oldest first.
+    fn redrive_batch(
+        &self,
+        subscriber: &str,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<DeadLetter>>> + Send;
+
+    /// A retried dead letter was handled: delete it and release the messages parked
+    /// behind it (same subscriber and key) for retry, in the handler's transaction.
+    fn dead_letter_resolved(
+        &self,
+        tx: &mut Self::Tx,
+        dead_letter: &DeadLetter,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// A retried dead letter failed again: back to `dead` with the new error, and the
+    /// released messages behind it parked again.
+    fn dead_letter_failed_again(
+        &self,
+        dead_letter: &DeadLetter,
+        error: &str,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<()>> + Send;
+}

@@ -1,0 +1,238 @@
+//! The relay (polling publisher): moves committed outbox rows to the transport, in order,
+//! at least once. Publish, wait for the broker's confirmation, then delete. One relay is
+//! active per outbox (a lease in the service database, with a generation checked on every
+//! delete); others stand by and take over when its lease expires.
+
+use crate::store::SqliteStore;
+use courier_core::{Error, ErrorKind, Message, Publisher, Result};
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Relay tuning.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RelayConfig {
+    /// Most rows per batch.
+    pub batch_size: u32,
+    /// Most payload bytes per batch (at least one row is always taken).
+    pub batch_bytes: usize,
+    /// How long a lease lasts without renewal; a standby takes over after this.
+    pub lease_ttl: Duration,
+    /// Poll even without a wake-up signal this often.
+    pub poll_interval: Duration,
+    /// A name for this relay instance (defaults to a fresh id).
+    pub instance: String,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 500,
+            batch_bytes: 4 * 1024 * 1024,
+            lease_ttl: Duration::from_secs(3),
+            poll_interval: Duration::from_millis(250),
+            instance: format!("relay-{}-{}", std::process::id(), uuid::Uuid::now_v7().simple()),
+        }
+    }
+}
+
+impl RelayConfig {
+    /// Set the lease time-to-live.
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl;
+        self
+    }
+    /// Set the batch size.
+    pub fn batch_size(mut self, n: u32) -> Self {
+        self.batch_size = n.max(1);
+        self
+    }
+    /// Set the instance name.
+    pub fn instance(mut self, name: impl Into<String>) -> Self {
+        self.instance = name.into();
+        self
+    }
+}
+
+/// Counters of a running relay.
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    /// Messages published and deleted.
+    pub published: AtomicU64,
+    /// Batches published.
+    pub batches: AtomicU64,
+    /// Rows that could not be read as messages (left in place, logged).
+    pub unreadable: AtomicU64,
+    /// Times this relay took the lease.
+    pub leases_taken: AtomicU64,
+}
+
+/// Publishes a [`SqliteStore`]'s outbox through a [`Publisher`].
+pub struct Relay<P> {
+    store: SqliteStore,
+    publisher: P,
+    config: RelayConfig,
+    stats: Arc<RelayStats>,
+}
+
+impl<P> fmt::Debug for Relay<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Relay")
+            .field("store", &self.store)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P: Publisher> Relay<P> {
+    /// A relay from `store`'s outbox to `publisher`.
+    pub fn new(store: SqliteStore, publisher: P) -> Self {
+        Self {
+            store,
+            publisher,
+            config: RelayConfig::default(),
+            stats: Arc::default(),
+        }
+    }
+
+    /// Replace the configuration.
+    pub fn with_config(mut self, config: RelayConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> Arc<RelayStats> {
+        self.stats.clone()
+    }
+
+    /// Run until `shutdown` resolves. Broker and database failures are retried with
+    /// backoff; nothing is deleted before the broker confirmed it.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+        let me = self.config.instance.clone();
+        let mut wake = self.store.waker().subscribe();
+        let ttl_ms = self.config.lease_ttl.as_millis() as u64;
+        let renew_every = self.config.lease_ttl / 3;
+        let mut generation: Option<i64> = None;
+        let mut last_renew = tokio::time::Instant::now() - renew_every;
+        let mut failures = 0u32;
+        tokio::pin!(shutdown);
+        loop {
+            // Lease: take or renew.
+            if last_renew.elapsed() >= renew_every || generation.is_none() {
+                match self.store.relay_lease(&me, ttl_ms).await {
+                    Ok(g) => {
+                        if g.is_some() && g != generation {
+                            self.stats.leases_taken.fetch_add(1, Ordering::Relaxed);
+                            tracing::info!(relay = %me, generation = ?g, "relay is active");
+                        }
+                        generation = g;
+                        last_renew = tokio::time::Instant::now();
+                    }
+                    Err(e) => {
+                        tracing::warn!(relay = %me, error = %e, "cannot reach the relay lease");
+                        generation = None;
+                    }
+                }
+            }
+            let mut more = false;
+            if let Some(g) = generation {
+                match self.step(&me, g).await {
+                    Ok(Step::Published(n)) => {
+                        failures = 0;
+                        more = n > 0;
+                    }
+                    Ok(Step::Fenced) => {
+                        tracing::warn!(relay = %me, "relay lost its lease; standing by");
+                        generation = None;
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        let delay = backoff(failures);
+                        tracing::warn!(relay = %me, error = %e, ?delay, "relay step failed; retrying");
+                        tokio::select! {
+                            _ = &mut shutdown => break,
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                        continue;
+                    }
+                }
+            }
+            if more {
+                continue;
+            }
+            let wait = if generation.is_some() {
+                self.config.poll_interval.min(renew_every)
+            } else {
+                renew_every
+            };
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = wake.changed() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        if generation.is_some() {
+            let _ = self.store.relay_release(&me).await;
+        }
+        Ok(())
+    }
+
+    async fn step(&self, me: &str, generation: i64) -> Result<Step> {
+        let rows = self
+            .store
+            .outbox_peek(self.config.batch_size, self.config.batch_bytes)
+            .await?;
+        if rows.is_empty() {
+            return Ok(Step::Published(0));
+        }
+        let mut messages: Vec<Message> = Vec::with_capacity(rows.len());
+        let mut seqs = Vec::with_capacity(rows.len());
+        for row in rows {
+            match row.message {
+                Ok(m) => {
+                    messages.push(m);
+                    seqs.push(row.seq);
+                }
+                Err(reason) => {
+                    // A row another program wrote badly: publishing it would fail every time
+                    // and block the outbox. Stop here, loudly; never drop it silently.
+                    self.stats.unreadable.fetch_add(1, Ordering::Relaxed);
+                    if messages.is_empty() {
+                        return Err(Error::new(
+                            ErrorKind::InvalidInput,
+                            format!(
+                                "outbox row {} in {} cannot be published: {reason}; fix or delete the row",
+                                row.seq,
+                                self.store.path().display()
+                            ),
+                        ));
+                    }
+                    break;
+                }
+            }
+        }
+        self.publisher.publish(&messages).await?;
+        if !self.store.outbox_delete(&seqs, me, generation).await? {
+            return Ok(Step::Fenced);
+        }
+        self.stats
+            .published
+            .fetch_add(seqs.len() as u64, Ordering::Relaxed);
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        Ok(Step::Published(seqs.len()))
+    }
+}
+
+enum Step {
+    Published(usize),
+    Fenced,
+}
+
+fn backoff(failures: u32) -> Duration {
+    let ms = 50u64.saturating_mul(1 << failures.min(7)).min(5_000);
+    Duration::from_millis(ms / 2 + fastrand::u64(0..=ms / 2))
+}

@@ -1,0 +1,635 @@
+//! The service database on SQLite: outbox, inbox, dead letters, relay lease.
+
+use crate::connect::{self, Sync};
+use crate::error::map;
+use crate::wake::{FileWaker, waker_for};
+use bytes::Bytes;
+use courier_core::dead_letter::DeadLetterRecord;
+use courier_core::{
+    DeadLetter, DeadLetterReason, DeadLetterStatus, Error, Message, MessageStore,
+    NewDeadLetter, Result, now_ms,
+};
+use sqlx::sqlite::{SqliteConnection, SqlitePool, SqliteRow};
+use sqlx::{Row, Sqlite, Transaction};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS courier_outbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        message_id TEXT NOT NULL,
+        channel TEXT NOT NULL,
+        headers TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        created_at INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS courier_inbox (
+        subscriber TEXT NOT NULL,
+        message_id TEXT NOT NULL,
+        handled_at INTEGER NOT NULL,
+        PRIMARY KEY (subscriber, message_id)) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS courier_inbox_by_time ON courier_inbox (handled_at)",
+    "CREATE TABLE IF NOT EXISTS courier_dead_letters (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        subscriber TEXT NOT NULL,
+        channel TEXT NOT NULL,
+        message_id TEXT NOT NULL,
+        partition_key TEXT,
+        message_type TEXT,
+        headers TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        reason TEXT NOT NULL,
+        error TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        first_failed_at INTEGER NOT NULL,
+        last_failed_at INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        blocks_key INTEGER NOT NULL,
+        UNIQUE (subscriber, message_id))",
+    "CREATE INDEX IF NOT EXISTS courier_dead_letters_by_key
+        ON courier_dead_letters (subscriber, partition_key) WHERE blocks_key = 1",
+    "CREATE TABLE IF NOT EXISTS courier_relay_lease (
+        outbox TEXT PRIMARY KEY,
+        holder TEXT,
+        generation INTEGER NOT NULL,
+        expires_at REAL NOT NULL)",
+];
+
+/// Options of a [`SqliteStore`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SqliteStoreOptions {
+    /// Durability of commits.
+    pub sync: Sync,
+    /// Connections in the pool. SQLite has one writer at a time; a single connection
+    /// queues writers in the process instead of making them sleep on the file lock.
+    pub max_connections: u32,
+}
+
+impl Default for SqliteStoreOptions {
+    fn default() -> Self {
+        Self {
+            sync: Sync::Normal,
+            max_connections: 1,
+        }
+    }
+}
+
+/// A service database on a SQLite file: hosts the outbox, inbox and dead letters, and
+/// the service's own tables (use [`SqliteStore::pool`]).
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: SqlitePool,
+    path: PathBuf,
+    waker: Arc<FileWaker>,
+}
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore").field("path", &self.inner.path).finish()
+    }
+}
+
+/// One row of the outbox, as the relay reads it.
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    /// Position in the outbox (commit order).
+    pub seq: i64,
+    /// The message, or the reason it cannot be read.
+    pub message: std::result::Result<Message, String>,
+}
+
+impl SqliteStore {
+    /// Open (or create) the service database at `path` with default options.
+    pub async fn open(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(path, SqliteStoreOptions::default()).await
+    }
+
+    /// Open with options.
+    pub async fn open_with(path: impl AsRef<Path>, options: SqliteStoreOptions) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let pool = connect::open_pool(&path, options.sync, options.max_connections).await?;
+        connect::apply_schema(&pool, &path, SCHEMA).await?;
+        let waker = waker_for(&path);
+        Ok(Self {
+            inner: Arc::new(Inner { pool, path, waker }),
+        })
+    }
+
+    /// Open `sqlite:PATH`.
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::open(connect::parse_sqlite_url(url)?).await
+    }
+
+    /// The pool: begin your business transactions here and pass them to the outbox.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.inner.pool
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// The outbox of this database.
+    pub fn outbox(&self) -> crate::Outbox {
+        crate::Outbox::new()
+    }
+
+    pub(crate) fn waker(&self) -> &Arc<FileWaker> {
+        &self.inner.waker
+    }
+
+    fn err(&self, what: &str) -> impl FnOnce(sqlx::Error) -> Error + '_ {
+        let what = format!("{what} in {}", self.inner.path.display());
+        move |e| map(what, e)
+    }
+
+    // ---- relay support ------------------------------------------------------------
+
+    /// Read up to `limit` outbox rows (and at most about `max_bytes`), oldest first.
+    pub async fn outbox_peek(&self, limit: u32, max_bytes: usize) -> Result<Vec<OutboxRow>> {
+        let rows = sqlx::query(
+            "SELECT seq, message_id, headers, payload FROM courier_outbox ORDER BY seq LIMIT ?",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(self.pool())
+        .await
+        .map_err(self.err("reading the outbox"))?;
+        let mut out = Vec::with_capacity(rows.len());
+        let mut bytes = 0usize;
+        for row in rows {
+            let seq: i64 = row.try_get("seq").map_err(self.err("reading the outbox"))?;
+            let payload: Vec<u8> = row.try_get("payload").map_err(self.err("reading the outbox"))?;
+            bytes += payload.len();
+            if !out.is_empty() && bytes > max_bytes {
+                break;
+            }
+            let id: String = row.try_get("message_id").map_err(self.err("reading the outbox"))?;
+            let headers: String = row.try_get("headers").map_err(self.err("reading the outbox"))?;
+            let message = crate::decode_message(&id, &headers, payload.into())
+                .map_err(|m| m.reason);
+            out.push(OutboxRow { seq, message });
+        }
+        Ok(out)
+    }
+
+    /// Delete published outbox rows `seqs`, if `holder` still holds the relay lease of
+    /// generation `generation` (fencing). Returns `false` when the lease was lost.
+    pub async fn outbox_delete(&self, seqs: &[i64], holder: &str, generation: i64) -> Result<bool> {
+        let mut tx = self
+            .pool()
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(self.err("deleting published outbox rows"))?;
+        let held: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM courier_relay_lease WHERE outbox = 'default' AND holder = ? AND generation = ?",
+        )
+        .bind(holder)
+        .bind(generation)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(self.err("checking the relay lease"))?;
+        if held.is_none() {
+            return Ok(false);
+        }
+        for chunk in seqs.chunks(500) {
+            let mut q = sqlx::QueryBuilder::<Sqlite>::new("DELETE FROM courier_outbox WHERE seq IN (");
+            let mut sep = q.separated(", ");
+            for s in chunk {
+                sep.push_bind(*s);
+            }
+            q.push(")");
+            q.build()
+                .execute(&mut *tx)
+                .await
+                .map_err(self.err("deleting published outbox rows"))?;
+        }
+        tx.commit().await.map_err(self.err("deleting published outbox rows"))?;
+        Ok(true)
+    }
+
+    /// Take or renew the relay lease for `ttl_ms`. Returns the generation when `holder`
+    /// holds it (a new generation when it just took it over), `None` when another live
+    /// relay holds it. Uses the database's clock only.
+    pub async fn relay_lease(&self, holder: &str, ttl_ms: u64) -> Result<Option<i64>> {
+        let ttl = ttl_ms as f64 / 1000.0;
+        let mut tx = self
+            .pool()
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(self.err("taking the relay lease"))?;
+        sqlx::query(
+            "INSERT OR IGNORE INTO courier_relay_lease (outbox, holder, generation, expires_at)
+             VALUES ('default', NULL, 0, 0)",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(self.err("taking the relay lease"))?;
+        // Renew our own lease (same generation) ...
+        sqlx::query(
+            "UPDATE courier_relay_lease SET expires_at = unixepoch('subsec') + ?
+             WHERE outbox = 'default' AND holder = ?",
+        )
+        .bind(ttl)
+        .bind(holder)
+        .execute(&mut *tx)
+        .await
+        .map_err(self.err("renewing the relay lease"))?;
+        // ... or take over an expired or free one (new generation = fencing token).
+        sqlx::query(
+            "UPDATE courier_relay_lease
+             SET holder = ?, generation = generation + 1, expires_at = unixepoch('subsec') + ?
+             WHERE outbox = 'default' AND (holder IS NULL OR holder != ?) AND expires_at < unixepoch('subsec')",
+        )
+        .bind(holder)
+        .bind(ttl)
+        .bind(holder)
+        .execute(&mut *tx)
+        .await
+        .map_err(self.err("taking the relay lease"))?;
+        let generation: Option<i64> = sqlx::query_scalar(
+            "SELECT generation FROM courier_relay_lease WHERE outbox = 'default' AND holder = ?",
+        )
+        .bind(holder)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(self.err("reading the relay lease"))?;
+        tx.commit().await.map_err(self.err("taking the relay lease"))?;
+        Ok(generation)
+    }
+
+    /// Give the relay lease up (clean shutdown: a standby takes over at once).
+    pub async fn relay_release(&self, holder: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE courier_relay_lease SET holder = NULL, expires_at = 0 WHERE outbox = 'default' AND holder = ?",
+        )
+        .bind(holder)
+        .execute(self.pool())
+        .await
+        .map_err(self.err("releasing the relay lease"))?;
+        Ok(())
+    }
+
+    /// Messages waiting in the outbox.
+    pub async fn outbox_len(&self) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM courier_outbox")
+            .fetch_one(self.pool())
+            .await
+            .map_err(self.err("counting the outbox"))?;
+        Ok(n as u64)
+    }
+
+    // ---- maintenance ----------------------------------------------------------------
+
+    /// Delete inbox rows older than `older_than_ms` in batches of `batch` (so the hot path
+    /// never waits long). Keep the window longer than the broker's redelivery horizon.
+    pub async fn prune_inbox(&self, older_than_ms: u64, batch: u32) -> Result<u64> {
+        let cutoff = now_ms().saturating_sub(older_than_ms) as i64;
+        let mut total = 0u64;
+        loop {
+            let n = sqlx::query(
+                "DELETE FROM courier_inbox WHERE (subscriber, message_id) IN (
+                   SELECT subscriber, message_id FROM courier_inbox WHERE handled_at < ? LIMIT ?)",
+            )
+            .bind(cutoff)
+            .bind(i64::from(batch))
+            .execute(self.pool())
+            .await
+            .map_err(self.err("pruning the inbox"))?
+            .rows_affected();
+            total += n;
+            if n < u64::from(batch) {
+                return Ok(total);
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Whether `subscriber` has handled `message_id`.
+    pub async fn inbox_contains(&self, subscriber: &str, message_id: &str) -> Result<bool> {
+        let n: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM courier_inbox WHERE subscriber = ? AND message_id = ?",
+        )
+        .bind(subscriber)
+        .bind(message_id)
+        .fetch_optional(self.pool())
+        .await
+        .map_err(self.err("reading the inbox"))?;
+        Ok(n.is_some())
+    }
+
+    // ---- dead letters for operators ------------------------------------------------
+
+    /// Dead letters, oldest first, optionally of one subscriber.
+    pub async fn dead_letters(&self, subscriber: Option<&str>, limit: u32) -> Result<Vec<DeadLetter>> {
+        let rows = sqlx::query(
+            "SELECT * FROM courier_dead_letters WHERE (?1 IS NULL OR subscriber = ?1) ORDER BY id LIMIT ?2",
+        )
+        .bind(subscriber)
+        .bind(i64::from(limit))
+        .fetch_all(self.pool())
+        .await
+        .map_err(self.err("listing dead letters"))?;
+        rows.iter().map(|r| self.row_to_dead_letter(r)).collect()
+    }
+
+    /// One dead letter.
+    pub async fn dead_letter(&self, id: i64) -> Result<Option<DeadLetter>> {
+        let row = sqlx::query("SELECT * FROM courier_dead_letters WHERE id = ?")
+            .bind(id)
+            .fetch_optional(self.pool())
+            .await
+            .map_err(self.err("reading a dead letter"))?;
+        row.as_ref().map(|r| self.row_to_dead_letter(r)).transpose()
+    }
+
+    /// Ask the subscriber to handle dead letter `id` again. Only `dead` letters can be
+    /// retried (parked ones follow the one they wait behind).
+    pub async fn retry_dead_letter(&self, id: i64) -> Result<DeadLetter> {
+        let dl = self.require_dead_letter(id).await?;
+        if dl.record.status != DeadLetterStatus::Dead {
+            return Err(Error::invalid(format!(
+                "dead letter {id} is {}: only dead letters can be retried{}",
+                dl.record.status.as_str(),
+                if dl.record.status == DeadLetterStatus::Parked {
+                    "; retry or discard the dead letter its key waits behind"
+                } else {
+                    ""
+                }
+            )));
+        }
+        sqlx::query("UPDATE courier_dead_letters SET status = 'retry' WHERE id = ? AND status = 'dead'")
+            .bind(id)
+            .execute(self.pool())
+            .await
+            .map_err(self.err("retrying a dead letter"))?;
+        self.require_dead_letter(id).await
+    }
+
+    /// Delete dead letter `id`; messages parked behind it (same subscriber and key) are
+    /// released for retry, in order.
+    pub async fn discard_dead_letter(&self, id: i64) -> Result<DeadLetter> {
+        let dl = self.require_dead_letter(id).await?;
+        let mut tx = self
+            .pool()
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(self.err("discarding a dead letter"))?;
+        sqlx::query("DELETE FROM courier_dead_letters WHERE id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(self.err("discarding a dead letter"))?;
+        release_parked(&mut tx, &dl).await.map_err(self.err("releasing parked messages"))?;
+        tx.commit().await.map_err(self.err("discarding a dead letter"))?;
+        Ok(dl)
+    }
+
+    async fn require_dead_letter(&self, id: i64) -> Result<DeadLetter> {
+        self.dead_letter(id).await?.ok_or_else(|| {
+            Error::invalid(format!(
+                "no dead letter with id {id} in {}; `courier dlq list` shows the ids",
+                self.inner.path.display()
+            ))
+        })
+    }
+
+    fn row_to_dead_letter(&self, r: &SqliteRow) -> Result<DeadLetter> {
+        let get_err = self.err("reading a dead letter");
+        let inner = || -> std::result::Result<DeadLetter, sqlx::Error> {
+            let headers: String = r.try_get("headers")?;
+            let reason: String = r.try_get("reason")?;
+            let status: String = r.try_get("status")?;
+            let payload: Vec<u8> = r.try_get("payload")?;
+            Ok(DeadLetter {
+                id: r.try_get("id")?,
+                record: DeadLetterRecord {
+                    subscriber: r.try_get("subscriber")?,
+                    channel: r.try_get("channel")?,
+                    message_id: r.try_get("message_id")?,
+                    partition_key: r.try_get("partition_key")?,
+                    message_type: r.try_get("message_type")?,
+                    headers: serde_json::from_str(&headers)
+                        .unwrap_or(serde_json::Value::String(headers)),
+                    payload: Bytes::from(payload),
+                    reason: DeadLetterReason::parse(&reason).unwrap_or(DeadLetterReason::Malformed),
+                    error: r.try_get("error")?,
+                    attempts: r.try_get::<i64, _>("attempts")? as u32,
+                    first_failed_at_ms: r.try_get::<i64, _>("first_failed_at")? as u64,
+                    last_failed_at_ms: r.try_get::<i64, _>("last_failed_at")? as u64,
+                    status: DeadLetterStatus::parse(&status).unwrap_or(DeadLetterStatus::Dead),
+                },
+            })
+        };
+        inner().map_err(get_err)
+    }
+}
+
+async fn release_parked(tx: &mut SqliteConnection, dl: &DeadLetter) -> std::result::Result<(), sqlx::Error> {
+    if let Some(key) = &dl.record.partition_key {
+        sqlx::query(
+            "UPDATE courier_dead_letters SET status = 'retry'
+             WHERE subscriber = ? AND partition_key = ? AND status = 'parked'",
+        )
+        .bind(&dl.record.subscriber)
+        .bind(key)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Insert messages into the outbox on `conn` (inside the caller's transaction).
+pub(crate) async fn insert_outbox(conn: &mut SqliteConnection, messages: &[Message]) -> Result<()> {
+    let now = now_ms() as i64;
+    for chunk in messages.chunks(100) {
+        let mut rows = Vec::with_capacity(chunk.len());
+        for m in chunk {
+            rows.push((m.id.to_string(), m.channel()?.to_string(), m.headers.to_json(), m.payload.clone()));
+        }
+        let mut q = sqlx::QueryBuilder::<Sqlite>::new(
+            "INSERT INTO courier_outbox (message_id, channel, headers, payload, created_at) ",
+        );
+        q.push_values(rows, |mut b, (id, ch, h, p)| {
+            b.push_bind(id).push_bind(ch).push_bind(h).push_bind(p.to_vec()).push_bind(now);
+        });
+        q.build()
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| map("writing to the outbox", e))?;
+    }
+    Ok(())
+}
+
+impl MessageStore for SqliteStore {
+    type Tx = Transaction<'static, Sqlite>;
+    type Conn = SqliteConnection;
+
+    fn conn(tx: &mut Self::Tx) -> &mut Self::Conn {
+        tx
+    }
+
+    async fn begin(&self) -> Result<Self::Tx> {
+        self.pool()
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(self.err("beginning a transaction"))
+    }
+
+    async fn commit(&self, tx: Self::Tx) -> Result<()> {
+        tx.commit().await.map_err(self.err("committing"))?;
+        Ok(())
+    }
+
+    async fn savepoint(&self, tx: &mut Self::Tx) -> Result<()> {
+        sqlx::query("SAVEPOINT courier_msg")
+            .execute(&mut **tx)
+            .await
+            .map_err(self.err("opening a savepoint"))?;
+        Ok(())
+    }
+
+    async fn rollback_savepoint(&self, tx: &mut Self::Tx) -> Result<()> {
+        sqlx::query("ROLLBACK TO courier_msg")
+            .execute(&mut **tx)
+            .await
+            .map_err(self.err("rolling back a savepoint"))?;
+        sqlx::query("RELEASE courier_msg")
+            .execute(&mut **tx)
+            .await
+            .map_err(self.err("releasing a savepoint"))?;
+        Ok(())
+    }
+
+    async fn release_savepoint(&self, tx: &mut Self::Tx) -> Result<()> {
+        sqlx::query("RELEASE courier_msg")
+            .execute(&mut **tx)
+            .await
+            .map_err(self.err("releasing a savepoint"))?;
+        Ok(())
+    }
+
+    async fn inbox_record(&self, tx: &mut Self::Tx, subscriber: &str, message_id: &str) -> Result<bool> {
+        let r = sqlx::query(
+            "INSERT INTO courier_inbox (subscriber, message_id, handled_at) VALUES (?, ?, ?)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(subscriber)
+        .bind(message_id)
+        .bind(now_ms() as i64)
+        .execute(&mut **tx)
+        .await
+        .map_err(self.err("recording in the inbox"))?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn outbox_insert(&self, tx: &mut Self::Tx, messages: &[Message]) -> Result<()> {
+        insert_outbox(tx, messages).await
+    }
+
+    async fn dead_letter_insert(&self, tx: &mut Self::Tx, dl: &NewDeadLetter) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO courier_dead_letters (subscriber, channel, message_id, partition_key,
+               message_type, headers, payload, reason, error, attempts, first_failed_at,
+               last_failed_at, status, blocks_key)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (subscriber, message_id) DO NOTHING",
+        )
+        .bind(&dl.subscriber)
+        .bind(&dl.channel)
+        .bind(&dl.message_id)
+        .bind(&dl.partition_key)
+        .bind(&dl.message_type)
+        .bind(&dl.headers_json)
+        .bind(dl.payload.to_vec())
+        .bind(dl.reason.as_str())
+        .bind(&dl.error)
+        .bind(i64::from(dl.attempts))
+        .bind(dl.first_failed_at_ms as i64)
+        .bind(dl.last_failed_at_ms as i64)
+        .bind(dl.status.as_str())
+        .bind(i64::from(dl.reason.blocks_key() && dl.partition_key.is_some()))
+        .execute(&mut **tx)
+        .await
+        .map_err(self.err("storing a dead letter"))?;
+        Ok(())
+    }
+
+    async fn key_blocked(&self, tx: &mut Self::Tx, subscriber: &str, key: &str) -> Result<bool> {
+        let n: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM courier_dead_letters WHERE subscriber = ? AND partition_key = ? AND blocks_key = 1 LIMIT 1",
+        )
+        .bind(subscriber)
+        .bind(key)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(self.err("checking for a blocked key"))?;
+        Ok(n.is_some())
+    }
+
+    async fn blocking_dead_letters(&self, subscriber: &str) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM courier_dead_letters WHERE subscriber = ? AND blocks_key = 1",
+        )
+        .bind(subscriber)
+        .fetch_one(self.pool())
+        .await
+        .map_err(self.err("counting dead letters"))?;
+        Ok(n as u64)
+    }
+
+    async fn redrive_batch(&self, subscriber: &str, limit: u32) -> Result<Vec<DeadLetter>> {
+        let rows = sqlx::query(
+            "SELECT * FROM courier_dead_letters WHERE subscriber = ? AND status = 'retry' ORDER BY id LIMIT ?",
+        )
+        .bind(subscriber)
+        .bind(i64::from(limit))
+        .fetch_all(self.pool())
+        .await
+        .map_err(self.err("reading dead letters to retry"))?;
+        rows.iter().map(|r| self.row_to_dead_letter(r)).collect()
+    }
+
+    async fn dead_letter_resolved(&self, tx: &mut Self::Tx, dl: &DeadLetter) -> Result<()> {
+        sqlx::query("DELETE FROM courier_dead_letters WHERE id = ?")
+            .bind(dl.id)
+            .execute(&mut **tx)
+            .await
+            .map_err(self.err("resolving a dead letter"))?;
+        release_parked(tx, dl).await.map_err(self.err("releasing parked messages"))?;
+        Ok(())
+    }
+
+    async fn dead_letter_failed_again(&self, dl: &DeadLetter, error: &str, now: u64) -> Result<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "UPDATE courier_dead_letters SET status = 'dead', error = ?, attempts = attempts + 1,
+               last_failed_at = ?
+             WHERE id = ?",
+        )
+        .bind(error)
+        .bind(now as i64)
+        .bind(dl.id)
+        .execute(&mut *tx)
+        .await
+        .map_err(self.err("recording a failed retry"))?;
+        if let Some(key) = &dl.record.partition_key {
+            sqlx::query(
+                "UPDATE courier_dead_letters SET status = 'parked'
+                 WHERE subscriber = ? AND partition_key = ? AND status = 'retry' AND id > ?",
+            )
+            .bind(&dl.record.subscriber)
+            .bind(key)
+            .bind(dl.id)
+            .execute(&mut *tx)
+            .await
+            .map_err(self.err("parking messages again"))?;
+        }
+        self.commit(tx).await
+    }
+}
