@@ -294,7 +294,7 @@ impl SqliteStore {
         loop {
             let n = sqlx::query(
                 "DELETE FROM courier_inbox WHERE (subscriber, message_id) IN (
-                   SELECT subscriber, message_id FROM courier_inbox WHERE handled_at < ? LIMIT ?)",
+                   SELECT subscriber, message_id FROM courier_inbox WHERE handled_at <= ? LIMIT ?)",
             )
             .bind(cutoff)
             .bind(i64::from(batch))

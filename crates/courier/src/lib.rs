@@ -1,1 +1,41 @@
-//! placeholder
+//! # Courier
+//!
+//! Reliable asynchronous messaging for Rust microservices: a service commits its change
+//! and the messages it must send in ONE local transaction (transactional outbox), answers,
+//! and finishes the work through a broker. Consumers are idempotent (inbox), failures are
+//! retried and dead-lettered.
+//!
+//! This facade re-exports [`courier_core`] (message model, transport traits, dispatcher)
+//! and, behind features, the backends:
+//! - `sqlite` (default): [`sqlite::SqliteStore`] (outbox, inbox, dead letters),
+//!   [`sqlite::Relay`] and the embedded broker [`sqlite::SqliteBroker`].
+//!
+//! ```no_run
+//! use courier::{ChannelName, Contract, JsonCodec, MessageKind};
+//! use courier::sqlite::{SqliteBroker, SqliteStore};
+//!
+//! #[derive(serde::Serialize, serde::Deserialize)]
+//! struct OrderPlaced { order_id: String }
+//! impl Contract for OrderPlaced {
+//!     const TYPE: &'static str = "order.OrderPlaced";
+//!     const KIND: MessageKind = MessageKind::Event;
+//! }
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = SqliteStore::open("orders.db").await?;
+//! let orders = ChannelName::new("order")?;
+//! let mut tx = store.pool().begin().await?;
+//! // ... the business change on &mut *tx ...
+//! let msg = JsonCodec::encode_to(&OrderPlaced { order_id: "o-1".into() }, &orders)?.with_key("o-1")?;
+//! store.outbox().send(&mut tx, msg).await?;
+//! tx.commit().await?;
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+
+pub use courier_core as core;
+pub use courier_core::*;
+
+/// SQLite: service database (outbox, inbox, dead letters), relay, embedded broker.
+#[cfg(feature = "sqlite")]
+pub use courier_sqlite as sqlite;
