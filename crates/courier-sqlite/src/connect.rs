@@ -49,8 +49,54 @@ pub fn parse_sqlite_url(url: &str) -> Result<PathBuf> {
     Ok(PathBuf::from(path))
 }
 
-/// Open (creating if missing) a pool on `path` in WAL mode.
+/// Who waits for the write lock when another process holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LockWait {
+    /// SQLite's own busy handler (sleeps 1, 2, 5, 10, ... ms): for pools whose
+    /// transactions run user statements we cannot retry ourselves.
+    InSqlite,
+    /// Fail at once with SQLITE_BUSY; our code retries with short async back-off
+    /// ([`begin_immediate`]).
+    InCourier,
+}
+
+/// `BEGIN IMMEDIATE` on `pool`, retrying while another process holds the write lock with
+/// short jittered back-off (50 µs doubling to 2 ms) for up to 30 s. Unlike SQLite's busy
+/// handler, this never sleeps for tens of milliseconds while the lock is free again.
+pub(crate) async fn begin_immediate(
+    pool: &SqlitePool,
+) -> std::result::Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut delay_us = 50u64;
+    loop {
+        match pool.begin_with("BEGIN IMMEDIATE").await {
+            Err(sqlx::Error::Database(db))
+                if is_busy(db.code().as_deref()) && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_micros(delay_us / 2 + fastrand::u64(0..=delay_us / 2))).await;
+                delay_us = (delay_us * 2).min(2_000);
+            }
+            other => return other,
+        }
+    }
+}
+
+fn is_busy(code: Option<&str>) -> bool {
+    code.and_then(|c| c.parse::<i32>().ok()).is_some_and(|c| matches!(c & 0xff, 5 | 6))
+}
+
+/// Open (or create) a pool on `path` in WAL mode, SQLite waiting for the write lock.
 pub(crate) async fn open_pool(path: &Path, sync: Sync, max_connections: u32) -> Result<SqlitePool> {
+    open_pool_with(path, sync, max_connections, LockWait::InSqlite).await
+}
+
+/// Open (or create) a pool on `path` in WAL mode, choosing who waits for the write lock.
+pub(crate) async fn open_pool_with(
+    path: &Path,
+    sync: Sync,
+    max_connections: u32,
+    wait: LockWait,
+) -> Result<SqlitePool> {
     if let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
         && !dir.exists()
@@ -69,7 +115,10 @@ pub(crate) async fn open_pool(path: &Path, sync: Sync, max_connections: u32) -> 
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(sync.sqlite())
-        .busy_timeout(Duration::from_secs(10))
+        .busy_timeout(match wait {
+            LockWait::InSqlite => Duration::from_secs(10),
+            LockWait::InCourier => Duration::ZERO,
+        })
         .foreign_keys(false)
         .pragma("temp_store", "memory")
         .pragma("cache_size", "-16000");
@@ -77,6 +126,8 @@ pub(crate) async fn open_pool(path: &Path, sync: Sync, max_connections: u32) -> 
         .max_connections(max_connections.max(1))
         .min_connections(1)
         .acquire_timeout(Duration::from_secs(30))
+        // A local file cannot drop the connection: skip the ping on every acquire.
+        .test_before_acquire(false)
         .connect_with(options)
         .await
         .map_err(|e| {
@@ -103,8 +154,7 @@ pub(crate) async fn open_pool(path: &Path, sync: Sync, max_connections: u32) -> 
 
 /// Run schema statements (idempotent `CREATE ... IF NOT EXISTS`).
 pub(crate) async fn apply_schema(pool: &SqlitePool, path: &Path, statements: &[&'static str]) -> Result<()> {
-    let mut tx = pool
-        .begin_with("BEGIN IMMEDIATE")
+    let mut tx = begin_immediate(pool)
         .await
         .map_err(|e| crate::error::map(format!("creating Courier tables in {}", path.display()), e))?;
     for s in statements {

@@ -16,6 +16,7 @@ mod broker;
 mod connect;
 mod error;
 mod outbox;
+mod reference;
 mod relay;
 mod store;
 mod wake;
@@ -23,6 +24,7 @@ mod wake;
 pub use broker::{ChannelInfo, GroupInfo, GroupPartition, PartitionInfo, SqliteBroker, SqliteBrokerConfig};
 pub use connect::{Sync, parse_sqlite_url};
 pub use outbox::Outbox;
+pub use reference::raw_commit_rate;
 pub use relay::{Relay, RelayConfig, RelayStats};
 pub use store::{OutboxRow, SqliteStore, SqliteStoreOptions};
 

@@ -119,6 +119,7 @@ impl<P: Publisher> Relay<P> {
         let mut generation: Option<i64> = None;
         let mut last_renew = tokio::time::Instant::now() - renew_every;
         let mut failures = 0u32;
+        let mut recheck = false;
         tokio::pin!(shutdown);
         loop {
             // Lease: take or renew.
@@ -162,16 +163,22 @@ impl<P: Publisher> Relay<P> {
                 }
             }
             if more {
+                recheck = false;
                 continue;
             }
-            let wait = if generation.is_some() {
+            // A wake-up can come a hair before the commit is visible: look once more
+            // shortly after an empty wake-up, then wait for the next one.
+            let wait = if recheck {
+                Duration::from_millis(1)
+            } else if generation.is_some() {
                 self.config.poll_interval.min(renew_every)
             } else {
                 renew_every
             };
+            recheck = false;
             tokio::select! {
                 _ = &mut shutdown => break,
-                _ = wake.changed() => {}
+                _ = wake.changed() => recheck = generation.is_some(),
                 _ = tokio::time::sleep(wait) => {}
             }
         }

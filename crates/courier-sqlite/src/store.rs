@@ -75,6 +75,20 @@ impl Default for SqliteStoreOptions {
     }
 }
 
+impl SqliteStoreOptions {
+    /// Set the durability.
+    pub fn sync(mut self, sync: Sync) -> Self {
+        self.sync = sync;
+        self
+    }
+
+    /// Set the pool size.
+    pub fn max_connections(mut self, n: u32) -> Self {
+        self.max_connections = n.max(1);
+        self
+    }
+}
+
 /// A service database on a SQLite file: hosts the outbox, inbox and dead letters, and
 /// the service's own tables (use [`SqliteStore::pool`]).
 #[derive(Clone)]

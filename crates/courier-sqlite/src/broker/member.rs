@@ -87,9 +87,7 @@ pub(super) async fn join(broker: SqliteBroker, options: SubscribeOptions) -> Res
     };
     {
         let mut tx = broker
-            .inner
-            .write
-            .begin_with("BEGIN IMMEDIATE")
+            .inner.write_begin()
             .await
             .map_err(broker.err("joining a consumer group"))?;
         for p in 0..partitions {
@@ -171,10 +169,7 @@ async fn commit_progress(shared: &Shared) -> Result<()> {
         return Ok(());
     }
     let b = &shared.broker;
-    let mut tx = b
-        .inner
-        .write
-        .begin_with("BEGIN IMMEDIATE")
+    let mut tx = b.inner.write_begin()
         .await
         .map_err(b.err("committing offsets"))?;
     let mut fenced = Vec::new();
@@ -223,10 +218,7 @@ async fn rebalance(shared: &Shared) -> Result<()> {
     let grp = shared.group.as_str();
     let me = shared.member.as_str();
     let err = |what: &'static str| b.err(what);
-    let mut tx = b
-        .inner
-        .write
-        .begin_with("BEGIN IMMEDIATE")
+    let mut tx = b.inner.write_begin()
         .await
         .map_err(err("heartbeat"))?;
     sqlx::query(
@@ -380,10 +372,7 @@ async fn leave(shared: &Shared) -> Result<()> {
         v
     };
     let b = &shared.broker;
-    let mut tx = b
-        .inner
-        .write
-        .begin_with("BEGIN IMMEDIATE")
+    let mut tx = b.inner.write_begin()
         .await
         .map_err(b.err("leaving a group"))?;
     for (p, generation) in owned {

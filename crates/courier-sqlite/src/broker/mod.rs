@@ -86,7 +86,7 @@ impl Default for SqliteBrokerConfig {
             default_partitions: 4,
             heartbeat_interval: Duration::from_millis(300),
             session_timeout: Duration::from_secs(3),
-            commit_interval: Duration::from_millis(20),
+            commit_interval: Duration::from_millis(50),
             poll_interval: Duration::from_millis(250),
             max_in_flight: 5_000,
             fetch_batch: 256,
@@ -135,6 +135,15 @@ pub(crate) struct BrokerInner {
     channels: Mutex<HashMap<String, u32>>,
 }
 
+impl BrokerInner {
+    /// A write transaction; waits for other processes' writers with short async back-off.
+    pub(crate) async fn write_begin(
+        &self,
+    ) -> std::result::Result<sqlx::Transaction<'static, Sqlite>, sqlx::Error> {
+        connect::begin_immediate(&self.write).await
+    }
+}
+
 impl fmt::Debug for SqliteBroker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SqliteBroker")
@@ -158,7 +167,7 @@ impl SqliteBroker {
     /// Open with settings.
     pub async fn open_with(path: impl AsRef<Path>, config: SqliteBrokerConfig) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let write = connect::open_pool(&path, config.sync, 1).await?;
+        let write = connect::open_pool_with(&path, config.sync, 1, connect::LockWait::InCourier).await?;
         connect::apply_schema(&write, &path, SCHEMA).await?;
         let read = connect::open_pool(&path, config.sync, 2).await?;
         let waker = waker_for(&path);
@@ -225,20 +234,22 @@ impl SqliteBroker {
     }
 
     async fn ensure_channel(&self, channel: &ChannelName, partitions: u32) -> Result<u32> {
+        let mut tx = self.inner.write_begin().await.map_err(self.err("creating a channel"))?;
         sqlx::query(
             "INSERT INTO courier_channels (name, partitions, created_at)
              VALUES (?, ?, unixepoch('subsec')) ON CONFLICT (name) DO NOTHING",
         )
         .bind(channel.as_str())
         .bind(i64::from(partitions))
-        .execute(&self.inner.write)
+        .execute(&mut *tx)
         .await
         .map_err(self.err("creating a channel"))?;
         let n: i64 = sqlx::query_scalar("SELECT partitions FROM courier_channels WHERE name = ?")
             .bind(channel.as_str())
-            .fetch_one(&self.inner.write)
+            .fetch_one(&mut *tx)
             .await
             .map_err(self.err("reading a channel"))?;
+        tx.commit().await.map_err(self.err("creating a channel"))?;
         let n = u32::try_from(n).unwrap_or(1).max(1);
         if let Ok(mut c) = self.inner.channels.lock() {
             c.insert(channel.to_string(), n);
@@ -260,9 +271,7 @@ impl SqliteBroker {
         }
         let mut positions = Vec::with_capacity(messages.len());
         let mut tx = self
-            .inner
-            .write
-            .begin_with("BEGIN IMMEDIATE")
+            .inner.write_begin()
             .await
             .map_err(self.err("publishing"))?;
         for chunk in routed.chunks(100) {
@@ -354,6 +363,7 @@ impl SqliteBroker {
     pub async fn prune(&self, retention: Duration) -> Result<u64> {
         let mut total = 0;
         loop {
+            let mut tx = self.inner.write_begin().await.map_err(self.err("pruning consumed messages"))?;
             let n = sqlx::query(
                 "DELETE FROM courier_log WHERE seq IN (
                    SELECT l.seq FROM courier_log l
@@ -363,10 +373,11 @@ impl SqliteBroker {
                    LIMIT 1000)",
             )
             .bind(retention.as_secs_f64())
-            .execute(&self.inner.write)
+            .execute(&mut *tx)
             .await
             .map_err(self.err("pruning consumed messages"))?
             .rows_affected();
+            tx.commit().await.map_err(self.err("pruning consumed messages"))?;
             total += n;
             if n < 1000 {
                 return Ok(total);

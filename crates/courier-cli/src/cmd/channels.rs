@@ -1,0 +1,102 @@
+//! `courier channels`: channels, partitions, messages; each group's members and lag.
+
+use super::common::{self, Access};
+use anyhow::{Context, Result, bail};
+use courier::sqlite::ChannelInfo;
+
+/// List channels with their partitions and message counts, and each consumer group's
+/// live members and lag.
+#[derive(clap::Args, Debug)]
+#[command(
+    long_about = "List the channels of a broker: partitions and stored messages, and \
+for each consumer group its live members and lag (messages not yet committed).
+
+With --json, prints the description as a JSON array (one object per channel with \
+partition_info and groups, each group with its per-partition committed offset, owner and lag).
+
+Examples:
+  courier channels --broker sqlite:broker.db
+  courier channels --broker sqlite:broker.db --channel orders --json"
+)]
+pub(crate) struct Args {
+    /// The broker: sqlite:PATH
+    #[arg(long, env = "COURIER_BROKER", default_value = common::DEFAULT_BROKER, value_name = "URL")]
+    broker: String,
+
+    /// Only this channel
+    #[arg(long, value_name = "NAME")]
+    channel: Option<String>,
+}
+
+pub(crate) async fn run(args: Args, json: bool) -> Result<()> {
+    let broker = common::open_broker(&args.broker, Access::Existing).await?;
+    let channels = broker
+        .describe(args.channel.as_deref())
+        .await
+        .with_context(|| {
+            format!(
+                "cannot describe the channels of {}",
+                broker.path().display()
+            )
+        })?;
+    if let Some(name) = &args.channel
+        && channels.is_empty()
+    {
+        bail!(
+            "no channel {name:?} in broker {}; `courier channels --broker {}` lists the channels \
+             (a channel is created by its first publish or subscription)",
+            broker.path().display(),
+            args.broker
+        );
+    }
+    if json {
+        return common::out_json(&channels);
+    }
+    if channels.is_empty() {
+        return common::out(format_args!(
+            "no channels in broker {} yet (a channel is created by its first publish or subscription)",
+            broker.path().display()
+        ));
+    }
+    common::out(render(&channels))
+}
+
+fn render(channels: &[ChannelInfo]) -> String {
+    let mut rows = Vec::new();
+    for c in channels {
+        let channel = [
+            c.channel.clone(),
+            c.partitions.to_string(),
+            c.messages.to_string(),
+        ];
+        if c.groups.is_empty() {
+            rows.push(
+                channel
+                    .iter()
+                    .cloned()
+                    .chain(["-".into(), "-".into(), "-".into()])
+                    .collect(),
+            );
+        }
+        for g in &c.groups {
+            rows.push(
+                channel
+                    .iter()
+                    .cloned()
+                    .chain([g.group.clone(), g.members.to_string(), g.lag.to_string()])
+                    .collect(),
+            );
+        }
+    }
+    common::table(
+        &[
+            "CHANNEL",
+            "PARTITIONS",
+            "MESSAGES",
+            "GROUP",
+            "MEMBERS",
+            "LAG",
+        ],
+        &rows,
+    )
+}
