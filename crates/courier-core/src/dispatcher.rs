@@ -162,14 +162,9 @@ impl<S: MessageStore> Dispatcher<S> {
         }
     }
 
-    /// Register the handler of message type `T`.
-    ///
-    /// ```ignore
-    /// dispatcher.on(|ctx: HandlerContext<SqliteStore>, e: MenuRevised| async move {
-    ///     sqlx::query("update menus set ...").execute(&mut *ctx.tx().await).await?;
-    ///     Ok(())
-    /// })
-    /// ```
+    /// Register the handler of message type `T`: an async function of the context and
+    /// the decoded message. Run SQL on `&mut *ctx.tx().await` to join the handler's
+    /// transaction; see the README's tour for a complete example.
     pub fn on<T, F, Fut>(mut self, handler: F) -> Self
     where
         T: Contract,

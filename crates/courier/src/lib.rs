@@ -39,3 +39,8 @@ pub use courier_core::*;
 /// SQLite: service database (outbox, inbox, dead letters), relay, embedded broker.
 #[cfg(feature = "sqlite")]
 pub use courier_sqlite as sqlite;
+
+/// The README's code, compiled as doctests so the tour never drifts from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
