@@ -7,7 +7,9 @@
 //! consumer's database; latency is commit → handler, measured by the handler.
 
 use anyhow::{Context, Result, bail};
-use courier::sqlite::{Relay, SqliteBroker, SqliteBrokerConfig, SqliteStore, SqliteStoreOptions, Sync};
+use courier::sqlite::{
+    Relay, SqliteBroker, SqliteBrokerConfig, SqliteStore, SqliteStoreOptions, Sync,
+};
 use courier::{
     ChannelName, Contract, Dispatcher, DispatcherConfig, GroupName, HandlerContext, JsonCodec,
     MessageKind, SubscribeOptions, Subscriber,
@@ -48,7 +50,8 @@ impl SyncArg {
 
 /// Arguments of `courier bench`.
 #[derive(clap::Args, Debug)]
-#[command(long_about = "End-to-end benchmark of the embedded default (SQLite service databases + \
+#[command(
+    long_about = "End-to-end benchmark of the embedded default (SQLite service databases + \
 embedded SQLite broker).
 
 Producer tasks each commit a business row plus one outbox message per transaction; the \
@@ -61,7 +64,8 @@ is non-zero unless both are 0.
 
 Examples:
   courier bench --messages 20000
-  courier bench --messages 5000 --rate 1000 --json     # steady load, latency focus")]
+  courier bench --messages 5000 --rate 1000 --json     # steady load, latency focus"
+)]
 pub(crate) struct BenchArgs {
     /// Messages to send end to end
     #[arg(long, default_value_t = 20_000)]
@@ -196,7 +200,11 @@ pub(crate) async fn run(args: BenchArgs, json: bool) -> Result<()> {
     sqlx::query("CREATE TABLE IF NOT EXISTS business (id INTEGER PRIMARY KEY, n INTEGER NOT NULL, body TEXT NOT NULL)")
         .execute(store.pool())
         .await?;
-    let broker = SqliteBroker::open_with(dir.join("broker.db"), SqliteBrokerConfig::default().sync(sync)).await?;
+    let broker = SqliteBroker::open_with(
+        dir.join("broker.db"),
+        SqliteBrokerConfig::default().sync(sync),
+    )
+    .await?;
     let channel = ChannelName::new(CHANNEL)?;
     broker.create_channel(&channel, args.partitions).await?;
 
@@ -245,8 +253,13 @@ pub(crate) async fn run(args: BenchArgs, json: bool) -> Result<()> {
     let pad = "x".repeat(args.payload_bytes.saturating_sub(40));
     let mut producers = Vec::new();
     for _ in 0..args.producers {
-        let (store, channel, next, committed, pad) =
-            (store.clone(), channel.clone(), next.clone(), committed.clone(), pad.clone());
+        let (store, channel, next, committed, pad) = (
+            store.clone(),
+            channel.clone(),
+            next.clone(),
+            committed.clone(),
+            pad.clone(),
+        );
         let (n_total, rate, keys) = (args.messages, args.rate, args.keys.max(1));
         producers.push(tokio::spawn(async move {
             loop {
@@ -263,8 +276,13 @@ pub(crate) async fn run(args: BenchArgs, json: bool) -> Result<()> {
                     .bind(&pad)
                     .execute(&mut *tx)
                     .await?;
-                let ping = Ping { n, ts_us: now_us(), pad: pad.clone() };
-                let msg = JsonCodec::encode_to(&ping, &channel)?.with_key(format!("key-{}", n % keys))?;
+                let ping = Ping {
+                    n,
+                    ts_us: now_us(),
+                    pad: pad.clone(),
+                };
+                let msg =
+                    JsonCodec::encode_to(&ping, &channel)?.with_key(format!("key-{}", n % keys))?;
                 store.outbox().send(&mut tx, msg).await?;
                 tx.commit().await?;
                 committed.fetch_add(1, Ordering::Relaxed);
@@ -282,10 +300,15 @@ pub(crate) async fn run(args: BenchArgs, json: bool) -> Result<()> {
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
         }
         if counter.is_none() {
-            counter = sqlx::SqlitePool::connect(&format!("sqlite:{}", consumer_db.display())).await.ok();
+            counter = sqlx::SqlitePool::connect(&format!("sqlite:{}", consumer_db.display()))
+                .await
+                .ok();
         }
         let handled = match &counter {
-            Some(p) => sqlx::query_scalar::<_, i64>("SELECT count(*) FROM effects").fetch_one(p).await.unwrap_or(0),
+            Some(p) => sqlx::query_scalar::<_, i64>("SELECT count(*) FROM effects")
+                .fetch_one(p)
+                .await
+                .unwrap_or(0),
             None => 0,
         };
         progress.set_position(handled.max(0) as u64);
@@ -320,7 +343,9 @@ pub(crate) async fn run(args: BenchArgs, json: bool) -> Result<()> {
         sqlx::query_as("SELECT count(*), count(DISTINCT n), max(handled_at_us) FROM effects")
             .fetch_one(&pool)
             .await?;
-    let latencies: Vec<i64> = sqlx::query_scalar("SELECT latency_us FROM effects").fetch_all(&pool).await?;
+    let latencies: Vec<i64> = sqlx::query_scalar("SELECT latency_us FROM effects")
+        .fetch_all(&pool)
+        .await?;
     pool.close().await;
     let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
     for l in latencies {
@@ -366,38 +391,73 @@ fn progress_bar(total: u64, json: bool) -> indicatif::ProgressBar {
     let pb = if json {
         indicatif::ProgressBar::hidden()
     } else {
-        indicatif::ProgressBar::with_draw_target(Some(total), indicatif::ProgressDrawTarget::stderr())
+        indicatif::ProgressBar::with_draw_target(
+            Some(total),
+            indicatif::ProgressDrawTarget::stderr(),
+        )
     };
     pb.set_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} handled ({msg}) {per_sec} eta {eta}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} handled ({msg}) {per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     pb
 }
 
 fn print_human(r: &Report) {
-    println!("courier bench: {} messages, {} producers, {} partitions, sync={}{}", r.messages, r.producers, r.partitions, r.sync,
-        r.rate.map(|x| format!(", offered {x} msg/s")).unwrap_or_default());
-    println!("  end to end        {:>10.0} msg/s  ({:.2} s)", r.throughput_msgs_per_s, r.seconds);
-    println!("  raw SQLite commit {:>10.0} /s     (same run, single-row autocommit)", r.raw_commit_rate_per_s);
+    println!(
+        "courier bench: {} messages, {} producers, {} partitions, sync={}{}",
+        r.messages,
+        r.producers,
+        r.partitions,
+        r.sync,
+        r.rate
+            .map(|x| format!(", offered {x} msg/s"))
+            .unwrap_or_default()
+    );
+    println!(
+        "  end to end        {:>10.0} msg/s  ({:.2} s)",
+        r.throughput_msgs_per_s, r.seconds
+    );
+    println!(
+        "  raw SQLite commit {:>10.0} /s     (same run, single-row autocommit)",
+        r.raw_commit_rate_per_s
+    );
     println!("  ratio             {:>10.2}", r.throughput_vs_raw);
-    println!("  commit -> handler p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms", r.latency_ms.p50, r.latency_ms.p99, r.latency_ms.max);
-    println!("  lost {}, duplicates applied {}", r.lost, r.duplicates_applied);
+    println!(
+        "  commit -> handler p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        r.latency_ms.p50, r.latency_ms.p99, r.latency_ms.max
+    );
+    println!(
+        "  lost {}, duplicates applied {}",
+        r.lost, r.duplicates_applied
+    );
 }
 
 /// The consumer process: one group member with the inbox, recording each effect.
 async fn consumer(args: BenchArgs) -> Result<()> {
     let dir = args.dir.context("--internal-consumer needs --dir")?;
     let sync = args.sync.sync();
-    let store = SqliteStore::open_with(dir.join("consumer.db"), SqliteStoreOptions::default().sync(sync)).await?;
+    let store = SqliteStore::open_with(
+        dir.join("consumer.db"),
+        SqliteStoreOptions::default().sync(sync),
+    )
+    .await?;
     sqlx::query("CREATE TABLE IF NOT EXISTS effects (n INTEGER NOT NULL, latency_us INTEGER NOT NULL, handled_at_us INTEGER NOT NULL)")
         .execute(store.pool())
         .await?;
-    let broker = SqliteBroker::open_with(dir.join("broker.db"), SqliteBrokerConfig::default().sync(sync)).await?;
+    let broker = SqliteBroker::open_with(
+        dir.join("broker.db"),
+        SqliteBrokerConfig::default().sync(sync),
+    )
+    .await?;
     let channel = ChannelName::new(CHANNEL)?;
     broker.create_channel(&channel, args.partitions).await?;
     let group = GroupName::new(GROUP)?;
-    let subscription = broker.subscribe(SubscribeOptions::new(channel, group.clone()).buffer(1024)).await?;
+    let subscription = broker
+        .subscribe(SubscribeOptions::new(channel, group.clone()).buffer(1024))
+        .await?;
     let dispatcher = Dispatcher::new(store.clone(), group)
         .with_config(DispatcherConfig::default().max_batch(128))
         .on(|ctx: HandlerContext<SqliteStore>, p: Ping| async move {
@@ -435,4 +495,3 @@ async fn consumer(args: BenchArgs) -> Result<()> {
     dispatcher.run(subscription, done).await?;
     Ok(())
 }
-

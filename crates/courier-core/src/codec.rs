@@ -45,11 +45,11 @@ impl JsonCodec {
     /// `content-type` set. Add a destination with [`Message::to`].
     pub fn encode<T: Contract>(value: &T) -> Result<Message> {
         let ty = T::message_type()?;
-        let payload = serde_json::to_vec(value).map_err(|e| {
-            Error::invalid(format!("cannot encode {} as JSON: {e}", T::TYPE))
-        })?;
+        let payload = serde_json::to_vec(value)
+            .map_err(|e| Error::invalid(format!("cannot encode {} as JSON: {e}", T::TYPE)))?;
         let mut msg = Message::new(payload).with_type(&ty, Version::new(T::VERSION, 0), T::KIND);
-        msg.headers.insert_unchecked(headers::CONTENT_TYPE, JSON.to_owned());
+        msg.headers
+            .insert_unchecked(headers::CONTENT_TYPE, JSON.to_owned());
         Ok(msg)
     }
 
@@ -70,7 +70,10 @@ impl JsonCodec {
         if let Some(ty) = msg.headers.get(headers::TYPE)
             && ty != T::TYPE
         {
-            return Err(decode_err(format!("has type {ty:?}, expected {:?}", T::TYPE)));
+            return Err(decode_err(format!(
+                "has type {ty:?}, expected {:?}",
+                T::TYPE
+            )));
         }
         if let Some(version) = msg.headers.type_version()?
             && version.major != T::VERSION
@@ -88,7 +91,8 @@ impl JsonCodec {
                 "has content-type {ct:?}, the JSON codec reads {JSON:?}"
             )));
         }
-        serde_json::from_slice(&msg.payload).map_err(|e| decode_err(format!("bad JSON payload: {e}")))
+        serde_json::from_slice(&msg.payload)
+            .map_err(|e| decode_err(format!("bad JSON payload: {e}")))
     }
 }
 
@@ -112,7 +116,11 @@ mod tests {
 
     #[test]
     fn round_trip_sets_headers() {
-        let v = OrderCreated { order_id: "o1".into(), total_cents: 1250, note: None };
+        let v = OrderCreated {
+            order_id: "o1".into(),
+            total_cents: 1250,
+            note: None,
+        };
         let m = JsonCodec::encode(&v).unwrap();
         assert_eq!(m.headers.get(headers::TYPE), Some("order.OrderCreated"));
         assert_eq!(m.headers.get(headers::TYPE_VERSION), Some("2.0"));
@@ -122,7 +130,12 @@ mod tests {
 
     #[test]
     fn unknown_fields_ignored_missing_optional_defaulted() {
-        let mut m = JsonCodec::encode(&OrderCreated { order_id: "o".into(), total_cents: 1, note: None }).unwrap();
+        let mut m = JsonCodec::encode(&OrderCreated {
+            order_id: "o".into(),
+            total_cents: 1,
+            note: None,
+        })
+        .unwrap();
         m.payload = br#"{"order_id":"o","total_cents":1,"extra":true}"#.to_vec().into();
         let v: OrderCreated = JsonCodec::decode(&m).unwrap();
         assert_eq!(v.note, None);
@@ -130,7 +143,12 @@ mod tests {
 
     #[test]
     fn wrong_major_version_or_type_or_json_is_a_decode_error() {
-        let mut m = JsonCodec::encode(&OrderCreated { order_id: "o".into(), total_cents: 1, note: None }).unwrap();
+        let mut m = JsonCodec::encode(&OrderCreated {
+            order_id: "o".into(),
+            total_cents: 1,
+            note: None,
+        })
+        .unwrap();
         m.headers.insert(headers::TYPE_VERSION, "3").unwrap();
         let e = JsonCodec::decode::<OrderCreated>(&m).unwrap_err();
         assert!(e.to_string().contains("major version 3"), "{e}");

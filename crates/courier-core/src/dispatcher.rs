@@ -8,13 +8,13 @@
 //! blocked (later messages with that key are parked as dead letters too) until an operator
 //! retries or discards it. See `docs/adr/0002-failing-messages-and-key-order.md`.
 
+use crate::codec::Contract;
 use crate::dead_letter::{DeadLetter, DeadLetterReason, DeadLetterStatus, NewDeadLetter};
 use crate::error::{Error, ErrorKind, Result};
 use crate::handler::{ErasedHandler, HandlerContext, HandlerError, TypedHandler};
 use crate::headers::Headers;
 use crate::message::{DEFAULT_MAX_MESSAGE_BYTES, Message, MessageId, now_ms};
 use crate::names::GroupName;
-use crate::codec::Contract;
 use crate::retry::RetryPolicy;
 use crate::store::MessageStore;
 use crate::transport::{Delivery, Subscription};
@@ -205,7 +205,11 @@ impl<S: MessageStore> Dispatcher<S> {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<()> {
         let mut st = State {
-            blocking: self.store.blocking_dead_letters(self.subscriber.as_str()).await? > 0,
+            blocking: self
+                .store
+                .blocking_dead_letters(self.subscriber.as_str())
+                .await?
+                > 0,
             ..State::default()
         };
         let mut redrive = tokio::time::interval(self.config.redrive_interval);
@@ -264,7 +268,9 @@ impl<S: MessageStore> Dispatcher<S> {
             if *t > now || batch.len() >= self.config.max_batch {
                 break;
             }
-            let Some(Reverse((_, _, key))) = st.timers.pop() else { break };
+            let Some(Reverse((_, _, key))) = st.timers.pop() else {
+                break;
+            };
             if let Some(q) = st.held.get_mut(&key) {
                 let n = q.len().min(self.config.max_batch.max(1));
                 batch.extend(q.drain(..n));
@@ -285,14 +291,28 @@ impl<S: MessageStore> Dispatcher<S> {
         }
         let mut outage = 0u32;
         loop {
-            match self.try_batch(&batch, st).await {
+            let attempt = if st.blocking {
+                self.try_batch(&batch, st, None).await
+            } else {
+                match self.try_batch_fast(&batch).await {
+                    Ok(Ok(d)) => Ok(d),
+                    // A handler failed: redo the batch message by message (savepoints).
+                    Ok(Err(failed)) => self.try_batch(&batch, st, Some(failed)).await,
+                    Err(e) => Err(e),
+                }
+            };
+            match attempt {
                 Ok(dispositions) => {
                     self.settle(batch, dispositions, st).await;
                     return;
                 }
                 Err(e) => {
                     outage += 1;
-                    let delay = self.config.retry.backoff(outage).max(Duration::from_millis(10));
+                    let delay = self
+                        .config
+                        .retry
+                        .backoff(outage)
+                        .max(Duration::from_millis(10));
                     tracing::warn!(subscriber = %self.subscriber, error = %e, ?delay,
                         "service database failed during a batch; retrying the batch");
                     tokio::time::sleep(delay).await;
@@ -301,18 +321,102 @@ impl<S: MessageStore> Dispatcher<S> {
         }
     }
 
-    async fn try_batch(&self, batch: &[Pending], st: &mut State) -> Result<Vec<Disposition>> {
+    /// The common case, no key blocked: one transaction, one inbox statement for the
+    /// batch, no savepoints. If a handler fails, everything is rolled back and the
+    /// failure is returned; the caller then runs the batch through
+    /// [`try_batch`](Self::try_batch) (a savepoint per message), giving it that failure as
+    /// the failed message's outcome so no handler runs more often than the policy allows.
+    async fn try_batch_fast(
+        &self,
+        batch: &[Pending],
+    ) -> Result<std::result::Result<Vec<Disposition>, (usize, HandlerError)>> {
+        let sub = self.subscriber.as_str();
+        let mut tx = self.store.begin().await?;
+        let mut dead = 0u64;
+        let mut ready: Vec<(usize, Arc<dyn ErasedHandler<S>>)> = Vec::with_capacity(batch.len());
+        for (i, p) in batch.iter().enumerate() {
+            let msg = match &p.delivery.message {
+                Ok(m) => m,
+                Err(raw) => {
+                    let dl = self.dead_letter_raw(p, raw, DeadLetterReason::Malformed, &raw.reason);
+                    self.store.dead_letter_insert(&mut tx, &dl).await?;
+                    dead += 1;
+                    continue;
+                }
+            };
+            let refusal = match msg.check_size(self.config.max_message_bytes) {
+                Err(e) => Err((DeadLetterReason::Oversized, e.to_string())),
+                Ok(()) => self.handler_for(msg),
+            };
+            match refusal {
+                Ok(h) => ready.push((i, h)),
+                Err((reason, error)) => {
+                    let dl = self.dead_letter(p, msg, reason, &error, DeadLetterStatus::Dead);
+                    self.store.dead_letter_insert(&mut tx, &dl).await?;
+                    dead += 1;
+                }
+            }
+        }
+        let ids: Vec<String> = ready
+            .iter()
+            .filter_map(|(i, _)| {
+                batch[*i]
+                    .delivery
+                    .message
+                    .as_ref()
+                    .ok()
+                    .map(|m| m.id.to_string())
+            })
+            .collect();
+        let mut new = self.store.inbox_record_many(&mut tx, sub, &ids).await?;
+        let (mut handled, mut duplicates) = (0u64, 0u64);
+        for (i, handler) in ready {
+            let p = &batch[i];
+            let Ok(msg) = &p.delivery.message else {
+                continue;
+            };
+            // `remove`: a second copy of the same message in this batch is a duplicate.
+            if !new.remove(&msg.id.to_string()) {
+                duplicates += 1;
+                continue;
+            }
+            let (t, outcome) = self.invoke(handler, tx, msg, p.failures + 1).await?;
+            tx = t;
+            if let Err(e) = outcome {
+                drop(tx);
+                return Ok(Err((i, e)));
+            }
+            handled += 1;
+        }
+        self.store.commit(tx).await?;
+        self.stats.handled.fetch_add(handled, Ordering::Relaxed);
+        self.stats
+            .duplicates
+            .fetch_add(duplicates, Ordering::Relaxed);
+        self.stats.dead_lettered.fetch_add(dead, Ordering::Relaxed);
+        Ok(Ok(batch.iter().map(|_| Disposition::Ack).collect()))
+    }
+
+    async fn try_batch(
+        &self,
+        batch: &[Pending],
+        st: &mut State,
+        mut known_failure: Option<(usize, HandlerError)>,
+    ) -> Result<Vec<Disposition>> {
         let mut tx = self.store.begin().await?;
         let mut out = Vec::with_capacity(batch.len());
         let mut failed_keys = HashSet::new();
         let mut new_blocking = false;
-        for p in batch {
+        for (i, p) in batch.iter().enumerate() {
             let key = p.hold_key();
             if failed_keys.contains(&key) {
                 out.push(Disposition::Held);
                 continue;
             }
-            let (t, applied, blocks) = self.apply(tx, p, st.blocking || new_blocking).await?;
+            let (t, applied, blocks) = match known_failure.take_if(|(k, _)| *k == i) {
+                Some((_, e)) => self.handler_failed(tx, p, e).await?,
+                None => self.apply(tx, p, st.blocking || new_blocking).await?,
+            };
             tx = t;
             new_blocking |= blocks;
             match applied {
@@ -353,7 +457,8 @@ impl<S: MessageStore> Dispatcher<S> {
                     tracing::info!(subscriber = %self.subscriber, key = %key, attempt = p.failures, ?delay, %error,
                         "handler failed transiently; retrying later, same-key messages wait");
                     st.timer_seq += 1;
-                    st.timers.push(Reverse((Instant::now() + delay, st.timer_seq, key.clone())));
+                    st.timers
+                        .push(Reverse((Instant::now() + delay, st.timer_seq, key.clone())));
                     if !returned.contains_key(&key) {
                         order.push(key.clone());
                     }
@@ -398,7 +503,13 @@ impl<S: MessageStore> Dispatcher<S> {
             }
         };
         if let Err(e) = msg.check_size(self.config.max_message_bytes) {
-            let dl = self.dead_letter(p, msg, DeadLetterReason::Oversized, &e.to_string(), DeadLetterStatus::Dead);
+            let dl = self.dead_letter(
+                p,
+                msg,
+                DeadLetterReason::Oversized,
+                &e.to_string(),
+                DeadLetterStatus::Dead,
+            );
             self.store.dead_letter_insert(&mut tx, &dl).await?;
             self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
             return Ok((tx, Applied::Done, false));
@@ -411,7 +522,9 @@ impl<S: MessageStore> Dispatcher<S> {
                 p,
                 msg,
                 DeadLetterReason::Parked,
-                &format!("held back: an earlier message with key {key:?} is a dead letter of {sub}"),
+                &format!(
+                    "held back: an earlier message with key {key:?} is a dead letter of {sub}"
+                ),
                 DeadLetterStatus::Parked,
             );
             self.store.dead_letter_insert(&mut tx, &dl).await?;
@@ -419,7 +532,11 @@ impl<S: MessageStore> Dispatcher<S> {
             return Ok((tx, Applied::Done, true));
         }
         self.store.savepoint(&mut tx).await?;
-        if !self.store.inbox_record(&mut tx, sub, &msg.id.to_string()).await? {
+        if !self
+            .store
+            .inbox_record(&mut tx, sub, &msg.id.to_string())
+            .await?
+        {
             self.store.release_savepoint(&mut tx).await?;
             self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
             return Ok((tx, Applied::Done, false));
@@ -440,24 +557,67 @@ impl<S: MessageStore> Dispatcher<S> {
             }
             Err(Refusal::Failed(e)) => {
                 self.store.rollback_savepoint(&mut tx).await?;
-                let attempts = p.failures + 1;
-                let exhausted = self.config.retry.next_delay(attempts).is_none();
-                if e.is_transient() && !exhausted {
-                    return Ok((tx, Applied::Failed(e.to_string()), false));
-                }
-                let reason = if e.is_undecodable() {
-                    DeadLetterReason::Undecodable
-                } else if e.is_transient() {
-                    DeadLetterReason::Exhausted
-                } else {
-                    DeadLetterReason::Permanent
-                };
-                tracing::warn!(subscriber = sub, message = %msg.id, %reason, error = %e, "message dead-lettered");
-                let dl = self.dead_letter(p, msg, reason, &e.to_string(), DeadLetterStatus::Dead);
-                self.store.dead_letter_insert(&mut tx, &dl).await?;
-                self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                Ok((tx, Applied::Done, reason.blocks_key()))
+                self.handler_failed(tx, p, e).await
             }
+        }
+    }
+
+    /// A handler failed on `p` (its writes are already undone): schedule a retry, or store
+    /// a dead letter when the error is permanent or the attempts are used up.
+    async fn handler_failed(
+        &self,
+        mut tx: S::Tx,
+        p: &Pending,
+        e: HandlerError,
+    ) -> Result<(S::Tx, Applied, bool)> {
+        let sub = self.subscriber.as_str();
+        let Ok(msg) = &p.delivery.message else {
+            return Ok((tx, Applied::Failed(e.to_string()), false));
+        };
+        let attempts = p.failures + 1;
+        let exhausted = self.config.retry.next_delay(attempts).is_none();
+        if e.is_transient() && !exhausted {
+            return Ok((tx, Applied::Failed(e.to_string()), false));
+        }
+        let reason = if e.is_undecodable() {
+            DeadLetterReason::Undecodable
+        } else if e.is_transient() {
+            DeadLetterReason::Exhausted
+        } else {
+            DeadLetterReason::Permanent
+        };
+        tracing::warn!(subscriber = sub, message = %msg.id, %reason, error = %e, "message dead-lettered");
+        let dl = self.dead_letter(p, msg, reason, &e.to_string(), DeadLetterStatus::Dead);
+        self.store.dead_letter_insert(&mut tx, &dl).await?;
+        self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        Ok((tx, Applied::Done, reason.blocks_key()))
+    }
+
+    /// The handler for `msg`, or why it cannot be handled (expired, no type, no handler).
+    fn handler_for(
+        &self,
+        msg: &Message,
+    ) -> std::result::Result<Arc<dyn ErasedHandler<S>>, (DeadLetterReason, String)> {
+        if let Some(deadline) = msg.headers.deadline_ms().ok().flatten()
+            && deadline < now_ms()
+        {
+            return Err((
+                DeadLetterReason::Expired,
+                format!("deadline {deadline} (ms since epoch) passed before delivery"),
+            ));
+        }
+        match msg.headers.message_type() {
+            Ok(Some(ty)) => self.handlers.get(ty.as_str()).cloned().ok_or_else(|| {
+                (
+                    DeadLetterReason::UnknownType,
+                    format!("{} has no handler for message type {ty:?}", self.subscriber),
+                )
+            }),
+            Ok(None) => Err((
+                DeadLetterReason::UnknownType,
+                "message has no 'type' header".to_owned(),
+            )),
+            Err(e) => Err((DeadLetterReason::Malformed, e.to_string())),
         }
     }
 
@@ -469,50 +629,29 @@ impl<S: MessageStore> Dispatcher<S> {
         msg: &Message,
         attempt: u32,
     ) -> Result<(S::Tx, std::result::Result<(), Refusal>)> {
-        if let Some(deadline) = msg.headers.deadline_ms().ok().flatten()
-            && deadline < now_ms()
-        {
-            return Ok((
-                tx,
-                Err(Refusal::NotHandled(
-                    DeadLetterReason::Expired,
-                    format!("deadline {deadline} (ms since epoch) passed before delivery"),
-                )),
-            ));
+        match self.handler_for(msg) {
+            Ok(handler) => {
+                let (tx, r) = self.invoke(handler, tx, msg, attempt).await?;
+                Ok((tx, r.map_err(Refusal::Failed)))
+            }
+            Err((reason, error)) => Ok((tx, Err(Refusal::NotHandled(reason, error)))),
         }
-        let handler = match msg.headers.message_type() {
-            Ok(Some(ty)) => match self.handlers.get(ty.as_str()) {
-                Some(h) => h.clone(),
-                None => {
-                    return Ok((
-                        tx,
-                        Err(Refusal::NotHandled(
-                            DeadLetterReason::UnknownType,
-                            format!("{} has no handler for message type {ty:?}", self.subscriber),
-                        )),
-                    ));
-                }
-            },
-            Ok(None) => {
-                return Ok((
-                    tx,
-                    Err(Refusal::NotHandled(
-                        DeadLetterReason::UnknownType,
-                        "message has no 'type' header".to_owned(),
-                    )),
-                ));
-            }
-            Err(e) => {
-                return Ok((
-                    tx,
-                    Err(Refusal::NotHandled(DeadLetterReason::Malformed, e.to_string())),
-                ));
-            }
-        };
+    }
+
+    /// Run `handler` with the transaction (panics become transient errors); on success
+    /// its outgoing messages go to the outbox in the same transaction.
+    async fn invoke(
+        &self,
+        handler: Arc<dyn ErasedHandler<S>>,
+        tx: S::Tx,
+        msg: &Message,
+        attempt: u32,
+    ) -> Result<(S::Tx, std::result::Result<(), HandlerError>)> {
         let envelope = Arc::new(msg.clone());
         let (ctx, tx_cell, outgoing) = HandlerContext::<S>::new(tx, envelope, attempt);
         let fut = handler.call(ctx, msg);
-        let result = match futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(fut)).await {
+        let result = match futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(fut)).await
+        {
             Ok(r) => r,
             Err(panic) => {
                 let what = panic
@@ -536,18 +675,17 @@ impl<S: MessageStore> Dispatcher<S> {
                 ));
             }
         };
-        match result {
-            Ok(()) => {
-                let out = std::mem::take(&mut *outgoing.lock().map_err(|_| {
-                    Error::new(ErrorKind::Closed, "handler context poisoned")
-                })?);
-                if !out.is_empty() {
-                    self.store.outbox_insert(&mut tx, &out).await?;
-                }
-                Ok((tx, Ok(())))
+        if result.is_ok() {
+            let out = std::mem::take(
+                &mut *outgoing
+                    .lock()
+                    .map_err(|_| Error::new(ErrorKind::Closed, "handler context poisoned"))?,
+            );
+            if !out.is_empty() {
+                self.store.outbox_insert(&mut tx, &out).await?;
             }
-            Err(e) => Ok((tx, Err(Refusal::Failed(e)))),
         }
+        Ok((tx, result))
     }
 
     fn dead_letter(
@@ -570,7 +708,11 @@ impl<S: MessageStore> Dispatcher<S> {
             reason,
             error: error.to_owned(),
             attempts: p.failures + 1,
-            first_failed_at_ms: if p.first_failed_ms == 0 { now } else { p.first_failed_ms },
+            first_failed_at_ms: if p.first_failed_ms == 0 {
+                now
+            } else {
+                p.first_failed_ms
+            },
             last_failed_at_ms: now,
             status,
         }
@@ -625,7 +767,9 @@ impl<S: MessageStore> Dispatcher<S> {
                     }
                     Some(error) => {
                         tracing::warn!(subscriber = sub, dead_letter = dl.id, %error, "retried dead letter failed again");
-                        self.store.dead_letter_failed_again(&dl, &error, now_ms()).await?;
+                        self.store
+                            .dead_letter_failed_again(&dl, &error, now_ms())
+                            .await?;
                         if let Some(k) = &dl.record.partition_key {
                             failed_keys.insert(k.clone());
                         }
@@ -643,7 +787,10 @@ impl<S: MessageStore> Dispatcher<S> {
     /// `None` when handled; `Some(error)` when it failed again.
     async fn redrive_one(&self, dl: &DeadLetter) -> Result<Option<String>> {
         let r = &dl.record;
-        let msg = match (MessageId::parse(&r.message_id), Headers::from_json(&r.headers.to_string())) {
+        let msg = match (
+            MessageId::parse(&r.message_id),
+            Headers::from_json(&r.headers.to_string()),
+        ) {
             (Ok(id), Ok(headers)) => Message {
                 id,
                 headers,
@@ -653,7 +800,11 @@ impl<S: MessageStore> Dispatcher<S> {
         };
         let mut tx = self.store.begin().await?;
         self.store.savepoint(&mut tx).await?;
-        if !self.store.inbox_record(&mut tx, self.subscriber.as_str(), &r.message_id).await? {
+        if !self
+            .store
+            .inbox_record(&mut tx, self.subscriber.as_str(), &r.message_id)
+            .await?
+        {
             // Already handled (e.g. a duplicate delivery was parked): just resolve it.
             self.store.release_savepoint(&mut tx).await?;
             self.store.dead_letter_resolved(&mut tx, dl).await?;

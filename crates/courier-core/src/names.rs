@@ -111,7 +111,12 @@ mod tests {
 
     #[test]
     fn accepts_usual_names() {
-        for n in ["orders", "restaurant.MenuRevised", "consumer-service", "a_1"] {
+        for n in [
+            "orders",
+            "restaurant.MenuRevised",
+            "consumer-service",
+            "a_1",
+        ] {
             assert!(ChannelName::new(n).is_ok(), "{n}");
         }
     }

@@ -74,7 +74,8 @@ mod tests {
 
     #[test]
     fn backoff_doubles_then_caps() {
-        let p = RetryPolicy::exponential(100, Duration::from_millis(10), Duration::from_millis(100));
+        let p =
+            RetryPolicy::exponential(100, Duration::from_millis(10), Duration::from_millis(100));
         assert_eq!(p.backoff(1), Duration::from_millis(10));
         assert_eq!(p.backoff(2), Duration::from_millis(20));
         assert_eq!(p.backoff(4), Duration::from_millis(80));

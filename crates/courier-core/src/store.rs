@@ -42,6 +42,25 @@ pub trait MessageStore: Clone + Send + Sync + 'static {
         message_id: &str,
     ) -> impl Future<Output = Result<bool>> + Send;
 
+    /// Record several messages at once; returns the ids that were new (the others are
+    /// duplicates). The default calls [`inbox_record`](Self::inbox_record) for each.
+    fn inbox_record_many(
+        &self,
+        tx: &mut Self::Tx,
+        subscriber: &str,
+        message_ids: &[String],
+    ) -> impl Future<Output = Result<std::collections::HashSet<String>>> + Send {
+        async move {
+            let mut new = std::collections::HashSet::new();
+            for id in message_ids {
+                if self.inbox_record(tx, subscriber, id).await? {
+                    new.insert(id.clone());
+                }
+            }
+            Ok(new)
+        }
+    }
+
     /// Put messages in the outbox inside the transaction; the relay publishes them after
     /// commit.
     fn outbox_insert(

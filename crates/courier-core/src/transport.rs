@@ -228,7 +228,10 @@ impl Delivery {
 
     /// The partition key, if the message is valid and has one.
     pub fn key(&self) -> Option<&str> {
-        self.message.as_ref().ok().and_then(|m| m.headers.partition_key())
+        self.message
+            .as_ref()
+            .ok()
+            .and_then(|m| m.headers.partition_key())
     }
 }
 

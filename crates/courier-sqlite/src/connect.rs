@@ -1,7 +1,9 @@
 //! Opening SQLite files with Courier's settings.
 
 use courier_core::{Error, ErrorKind, Result};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -73,7 +75,10 @@ pub(crate) async fn begin_immediate(
             Err(sqlx::Error::Database(db))
                 if is_busy(db.code().as_deref()) && std::time::Instant::now() < deadline =>
             {
-                tokio::time::sleep(Duration::from_micros(delay_us / 2 + fastrand::u64(0..=delay_us / 2))).await;
+                tokio::time::sleep(Duration::from_micros(
+                    delay_us / 2 + fastrand::u64(0..=delay_us / 2),
+                ))
+                .await;
                 delay_us = (delay_us * 2).min(2_000);
             }
             other => return other,
@@ -82,7 +87,8 @@ pub(crate) async fn begin_immediate(
 }
 
 fn is_busy(code: Option<&str>) -> bool {
-    code.and_then(|c| c.parse::<i32>().ok()).is_some_and(|c| matches!(c & 0xff, 5 | 6))
+    code.and_then(|c| c.parse::<i32>().ok())
+        .is_some_and(|c| matches!(c & 0xff, 5 | 6))
 }
 
 /// Open (or create) a pool on `path` in WAL mode, SQLite waiting for the write lock.
@@ -153,15 +159,18 @@ pub(crate) async fn open_pool_with(
 }
 
 /// Run schema statements (idempotent `CREATE ... IF NOT EXISTS`).
-pub(crate) async fn apply_schema(pool: &SqlitePool, path: &Path, statements: &[&'static str]) -> Result<()> {
-    let mut tx = begin_immediate(pool)
-        .await
-        .map_err(|e| crate::error::map(format!("creating Courier tables in {}", path.display()), e))?;
+pub(crate) async fn apply_schema(
+    pool: &SqlitePool,
+    path: &Path,
+    statements: &[&'static str],
+) -> Result<()> {
+    let mut tx = begin_immediate(pool).await.map_err(|e| {
+        crate::error::map(format!("creating Courier tables in {}", path.display()), e)
+    })?;
     for s in statements {
-        sqlx::query(*s)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| crate::error::map(format!("creating Courier tables in {}", path.display()), e))?;
+        sqlx::query(*s).execute(&mut *tx).await.map_err(|e| {
+            crate::error::map(format!("creating Courier tables in {}", path.display()), e)
+        })?;
     }
     tx.commit()
         .await
@@ -174,8 +183,14 @@ mod tests {
 
     #[test]
     fn urls() {
-        assert_eq!(parse_sqlite_url("sqlite:a/b.db").unwrap(), PathBuf::from("a/b.db"));
-        assert_eq!(parse_sqlite_url("sqlite:///tmp/x.db").unwrap(), PathBuf::from("/tmp/x.db"));
+        assert_eq!(
+            parse_sqlite_url("sqlite:a/b.db").unwrap(),
+            PathBuf::from("a/b.db")
+        );
+        assert_eq!(
+            parse_sqlite_url("sqlite:///tmp/x.db").unwrap(),
+            PathBuf::from("/tmp/x.db")
+        );
         assert_eq!(parse_sqlite_url("x.db").unwrap(), PathBuf::from("x.db"));
         assert!(parse_sqlite_url("sqlite:").is_err());
     }

@@ -23,9 +23,9 @@ pub(crate) fn map(what: impl std::fmt::Display, e: sqlx::Error) -> Error {
         }
         sqlx::Error::PoolClosed => (ErrorKind::Closed, ErrorStatus::Permanent),
         sqlx::Error::Configuration(_) => (ErrorKind::Config, ErrorStatus::Permanent),
-        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) | sqlx::Error::ColumnNotFound(_) => {
-            (ErrorKind::Decode, ErrorStatus::Permanent)
-        }
+        sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::Decode(_)
+        | sqlx::Error::ColumnNotFound(_) => (ErrorKind::Decode, ErrorStatus::Permanent),
         _ => (ErrorKind::Storage, ErrorStatus::Transient),
     };
     Error::new(kind, format!("{what}: {e}"))

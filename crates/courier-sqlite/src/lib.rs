@@ -21,7 +21,9 @@ mod relay;
 mod store;
 mod wake;
 
-pub use broker::{ChannelInfo, GroupInfo, GroupPartition, PartitionInfo, SqliteBroker, SqliteBrokerConfig};
+pub use broker::{
+    ChannelInfo, GroupInfo, GroupPartition, PartitionInfo, SqliteBroker, SqliteBrokerConfig,
+};
 pub use connect::{Sync, parse_sqlite_url};
 pub use outbox::Outbox;
 pub use reference::raw_commit_rate;
@@ -32,7 +34,11 @@ use bytes::Bytes;
 use courier_core::{Headers, Malformed, Message, MessageId};
 
 /// Rebuild a message from its stored columns, or say what is wrong with them.
-pub(crate) fn decode_message(id: &str, headers: &str, payload: Bytes) -> Result<Message, Malformed> {
+pub(crate) fn decode_message(
+    id: &str,
+    headers: &str,
+    payload: Bytes,
+) -> Result<Message, Malformed> {
     let malformed = |reason: String| Malformed {
         raw_id: id.to_owned(),
         raw_headers: headers.to_owned(),

@@ -32,7 +32,10 @@ impl Outbox {
     }
 
     fn check(&self, m: &Message) -> Result<()> {
-        m.check_size(self.max_message_bytes.unwrap_or(courier_core::message::DEFAULT_MAX_MESSAGE_BYTES))?;
+        m.check_size(
+            self.max_message_bytes
+                .unwrap_or(courier_core::message::DEFAULT_MAX_MESSAGE_BYTES),
+        )?;
         m.channel()?;
         Ok(())
     }

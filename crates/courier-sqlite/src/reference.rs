@@ -17,10 +17,12 @@ pub async fn raw_commit_rate(
 ) -> Result<f64> {
     let pool = connect::open_pool(path, sync, 1).await?;
     let err = |e| crate::error::map("measuring the raw commit rate", e);
-    sqlx::query("CREATE TABLE IF NOT EXISTS raw_rows (id INTEGER PRIMARY KEY, payload BLOB NOT NULL)")
-        .execute(&pool)
-        .await
-        .map_err(err)?;
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS raw_rows (id INTEGER PRIMARY KEY, payload BLOB NOT NULL)",
+    )
+    .execute(&pool)
+    .await
+    .map_err(err)?;
     let payload = vec![7u8; payload_bytes];
     let start = Instant::now();
     let mut n = 0u64;

@@ -30,11 +30,15 @@ pub struct RelayConfig {
 impl Default for RelayConfig {
     fn default() -> Self {
         Self {
-            batch_size: 500,
+            batch_size: 1000,
             batch_bytes: 4 * 1024 * 1024,
             lease_ttl: Duration::from_secs(3),
             poll_interval: Duration::from_millis(250),
-            instance: format!("relay-{}-{}", std::process::id(), uuid::Uuid::now_v7().simple()),
+            instance: format!(
+                "relay-{}-{}",
+                std::process::id(),
+                uuid::Uuid::now_v7().simple()
+            ),
         }
     }
 }

@@ -6,8 +6,8 @@ use crate::wake::{FileWaker, waker_for};
 use bytes::Bytes;
 use courier_core::dead_letter::DeadLetterRecord;
 use courier_core::{
-    DeadLetter, DeadLetterReason, DeadLetterStatus, Error, Message, MessageStore,
-    NewDeadLetter, Result, now_ms,
+    DeadLetter, DeadLetterReason, DeadLetterStatus, Error, Message, MessageStore, NewDeadLetter,
+    Result, now_ms,
 };
 use sqlx::sqlite::{SqliteConnection, SqlitePool, SqliteRow};
 use sqlx::{Row, Sqlite, Transaction};
@@ -98,13 +98,17 @@ pub struct SqliteStore {
 
 struct Inner {
     pool: SqlitePool,
+    /// Reads that must not wait behind writers on `pool` (WAL readers never block).
+    read: SqlitePool,
     path: PathBuf,
     waker: Arc<FileWaker>,
 }
 
 impl fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SqliteStore").field("path", &self.inner.path).finish()
+        f.debug_struct("SqliteStore")
+            .field("path", &self.inner.path)
+            .finish()
     }
 }
 
@@ -128,9 +132,15 @@ impl SqliteStore {
         let path = path.as_ref().to_path_buf();
         let pool = connect::open_pool(&path, options.sync, options.max_connections).await?;
         connect::apply_schema(&pool, &path, SCHEMA).await?;
+        let read = connect::open_pool(&path, options.sync, 1).await?;
         let waker = waker_for(&path);
         Ok(Self {
-            inner: Arc::new(Inner { pool, path, waker }),
+            inner: Arc::new(Inner {
+                pool,
+                read,
+                path,
+                waker,
+            }),
         })
     }
 
@@ -171,22 +181,28 @@ impl SqliteStore {
             "SELECT seq, message_id, headers, payload FROM courier_outbox ORDER BY seq LIMIT ?",
         )
         .bind(i64::from(limit))
-        .fetch_all(self.pool())
+        .fetch_all(&self.inner.read)
         .await
         .map_err(self.err("reading the outbox"))?;
         let mut out = Vec::with_capacity(rows.len());
         let mut bytes = 0usize;
         for row in rows {
             let seq: i64 = row.try_get("seq").map_err(self.err("reading the outbox"))?;
-            let payload: Vec<u8> = row.try_get("payload").map_err(self.err("reading the outbox"))?;
+            let payload: Vec<u8> = row
+                .try_get("payload")
+                .map_err(self.err("reading the outbox"))?;
             bytes += payload.len();
             if !out.is_empty() && bytes > max_bytes {
                 break;
             }
-            let id: String = row.try_get("message_id").map_err(self.err("reading the outbox"))?;
-            let headers: String = row.try_get("headers").map_err(self.err("reading the outbox"))?;
-            let message = crate::decode_message(&id, &headers, payload.into())
-                .map_err(|m| m.reason);
+            let id: String = row
+                .try_get("message_id")
+                .map_err(self.err("reading the outbox"))?;
+            let headers: String = row
+                .try_get("headers")
+                .map_err(self.err("reading the outbox"))?;
+            let message =
+                crate::decode_message(&id, &headers, payload.into()).map_err(|m| m.reason);
             out.push(OutboxRow { seq, message });
         }
         Ok(out)
@@ -195,36 +211,39 @@ impl SqliteStore {
     /// Delete published outbox rows `seqs`, if `holder` still holds the relay lease of
     /// generation `generation` (fencing). Returns `false` when the lease was lost.
     pub async fn outbox_delete(&self, seqs: &[i64], holder: &str, generation: i64) -> Result<bool> {
-        let mut tx = self
-            .pool()
-            .begin_with("BEGIN IMMEDIATE")
+        if seqs.is_empty() {
+            return Ok(true);
+        }
+        // One statement: the lease check and the delete are atomic without a transaction.
+        let mut q = sqlx::QueryBuilder::<Sqlite>::new("DELETE FROM courier_outbox WHERE seq IN (");
+        let mut sep = q.separated(", ");
+        for s in seqs {
+            sep.push_bind(*s);
+        }
+        q.push(") AND EXISTS (SELECT 1 FROM courier_relay_lease WHERE outbox = 'default' AND holder = ");
+        q.push_bind(holder);
+        q.push(" AND generation = ");
+        q.push_bind(generation);
+        q.push(")");
+        let deleted = q
+            .build()
+            .execute(self.pool())
             .await
-            .map_err(self.err("deleting published outbox rows"))?;
+            .map_err(self.err("deleting published outbox rows"))?
+            .rows_affected();
+        if deleted > 0 {
+            return Ok(true);
+        }
+        // Nothing deleted: either the lease was lost, or the rows were already gone.
         let held: Option<i64> = sqlx::query_scalar(
             "SELECT 1 FROM courier_relay_lease WHERE outbox = 'default' AND holder = ? AND generation = ?",
         )
         .bind(holder)
         .bind(generation)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(self.pool())
         .await
         .map_err(self.err("checking the relay lease"))?;
-        if held.is_none() {
-            return Ok(false);
-        }
-        for chunk in seqs.chunks(500) {
-            let mut q = sqlx::QueryBuilder::<Sqlite>::new("DELETE FROM courier_outbox WHERE seq IN (");
-            let mut sep = q.separated(", ");
-            for s in chunk {
-                sep.push_bind(*s);
-            }
-            q.push(")");
-            q.build()
-                .execute(&mut *tx)
-                .await
-                .map_err(self.err("deleting published outbox rows"))?;
-        }
-        tx.commit().await.map_err(self.err("deleting published outbox rows"))?;
-        Ok(true)
+        Ok(held.is_some())
     }
 
     /// Take or renew the relay lease for `ttl_ms`. Returns the generation when `holder`
@@ -273,7 +292,9 @@ impl SqliteStore {
         .fetch_optional(&mut *tx)
         .await
         .map_err(self.err("reading the relay lease"))?;
-        tx.commit().await.map_err(self.err("taking the relay lease"))?;
+        tx.commit()
+            .await
+            .map_err(self.err("taking the relay lease"))?;
         Ok(generation)
     }
 
@@ -340,7 +361,11 @@ impl SqliteStore {
     // ---- dead letters for operators ------------------------------------------------
 
     /// Dead letters, oldest first, optionally of one subscriber.
-    pub async fn dead_letters(&self, subscriber: Option<&str>, limit: u32) -> Result<Vec<DeadLetter>> {
+    pub async fn dead_letters(
+        &self,
+        subscriber: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<DeadLetter>> {
         let rows = sqlx::query(
             "SELECT * FROM courier_dead_letters WHERE (?1 IS NULL OR subscriber = ?1) ORDER BY id LIMIT ?2",
         )
@@ -377,11 +402,13 @@ impl SqliteStore {
                 }
             )));
         }
-        sqlx::query("UPDATE courier_dead_letters SET status = 'retry' WHERE id = ? AND status = 'dead'")
-            .bind(id)
-            .execute(self.pool())
-            .await
-            .map_err(self.err("retrying a dead letter"))?;
+        sqlx::query(
+            "UPDATE courier_dead_letters SET status = 'retry' WHERE id = ? AND status = 'dead'",
+        )
+        .bind(id)
+        .execute(self.pool())
+        .await
+        .map_err(self.err("retrying a dead letter"))?;
         self.require_dead_letter(id).await
     }
 
@@ -399,8 +426,12 @@ impl SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(self.err("discarding a dead letter"))?;
-        release_parked(&mut tx, &dl).await.map_err(self.err("releasing parked messages"))?;
-        tx.commit().await.map_err(self.err("discarding a dead letter"))?;
+        release_parked(&mut tx, &dl)
+            .await
+            .map_err(self.err("releasing parked messages"))?;
+        tx.commit()
+            .await
+            .map_err(self.err("discarding a dead letter"))?;
         Ok(dl)
     }
 
@@ -444,7 +475,10 @@ impl SqliteStore {
     }
 }
 
-async fn release_parked(tx: &mut SqliteConnection, dl: &DeadLetter) -> std::result::Result<(), sqlx::Error> {
+async fn release_parked(
+    tx: &mut SqliteConnection,
+    dl: &DeadLetter,
+) -> std::result::Result<(), sqlx::Error> {
     if let Some(key) = &dl.record.partition_key {
         sqlx::query(
             "UPDATE courier_dead_letters SET status = 'retry'
@@ -464,13 +498,22 @@ pub(crate) async fn insert_outbox(conn: &mut SqliteConnection, messages: &[Messa
     for chunk in messages.chunks(100) {
         let mut rows = Vec::with_capacity(chunk.len());
         for m in chunk {
-            rows.push((m.id.to_string(), m.channel()?.to_string(), m.headers.to_json(), m.payload.clone()));
+            rows.push((
+                m.id.to_string(),
+                m.channel()?.to_string(),
+                m.headers.to_json(),
+                m.payload.clone(),
+            ));
         }
         let mut q = sqlx::QueryBuilder::<Sqlite>::new(
             "INSERT INTO courier_outbox (message_id, channel, headers, payload, created_at) ",
         );
         q.push_values(rows, |mut b, (id, ch, h, p)| {
-            b.push_bind(id).push_bind(ch).push_bind(h).push_bind(p.to_vec()).push_bind(now);
+            b.push_bind(id)
+                .push_bind(ch)
+                .push_bind(h)
+                .push_bind(p.to_vec())
+                .push_bind(now);
         });
         q.build()
             .execute(&mut *conn)
@@ -528,7 +571,12 @@ impl MessageStore for SqliteStore {
         Ok(())
     }
 
-    async fn inbox_record(&self, tx: &mut Self::Tx, subscriber: &str, message_id: &str) -> Result<bool> {
+    async fn inbox_record(
+        &self,
+        tx: &mut Self::Tx,
+        subscriber: &str,
+        message_id: &str,
+    ) -> Result<bool> {
         let r = sqlx::query(
             "INSERT INTO courier_inbox (subscriber, message_id, handled_at) VALUES (?, ?, ?)
              ON CONFLICT DO NOTHING",
@@ -540,6 +588,32 @@ impl MessageStore for SqliteStore {
         .await
         .map_err(self.err("recording in the inbox"))?;
         Ok(r.rows_affected() == 1)
+    }
+
+    async fn inbox_record_many(
+        &self,
+        tx: &mut Self::Tx,
+        subscriber: &str,
+        message_ids: &[String],
+    ) -> Result<std::collections::HashSet<String>> {
+        let mut new = std::collections::HashSet::with_capacity(message_ids.len());
+        let now = now_ms() as i64;
+        for chunk in message_ids.chunks(200) {
+            let mut q = sqlx::QueryBuilder::<Sqlite>::new(
+                "INSERT INTO courier_inbox (subscriber, message_id, handled_at) ",
+            );
+            q.push_values(chunk, |mut b, id| {
+                b.push_bind(subscriber).push_bind(id).push_bind(now);
+            });
+            q.push(" ON CONFLICT DO NOTHING RETURNING message_id");
+            let ids: Vec<String> = q
+                .build_query_scalar()
+                .fetch_all(&mut **tx)
+                .await
+                .map_err(self.err("recording in the inbox"))?;
+            new.extend(ids);
+        }
+        Ok(new)
     }
 
     async fn outbox_insert(&self, tx: &mut Self::Tx, messages: &[Message]) -> Result<()> {
@@ -567,7 +641,9 @@ impl MessageStore for SqliteStore {
         .bind(dl.first_failed_at_ms as i64)
         .bind(dl.last_failed_at_ms as i64)
         .bind(dl.status.as_str())
-        .bind(i64::from(dl.reason.blocks_key() && dl.partition_key.is_some()))
+        .bind(i64::from(
+            dl.reason.blocks_key() && dl.partition_key.is_some(),
+        ))
         .execute(&mut **tx)
         .await
         .map_err(self.err("storing a dead letter"))?;
@@ -615,7 +691,9 @@ impl MessageStore for SqliteStore {
             .execute(&mut **tx)
             .await
             .map_err(self.err("resolving a dead letter"))?;
-        release_parked(tx, dl).await.map_err(self.err("releasing parked messages"))?;
+        release_parked(tx, dl)
+            .await
+            .map_err(self.err("releasing parked messages"))?;
         Ok(())
     }
 

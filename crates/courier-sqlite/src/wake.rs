@@ -53,7 +53,13 @@ fn watch_file(path: &Path, waker: Weak<FileWaker>) {
     use futures::StreamExt;
     use inotify::{Inotify, WatchMask};
 
-    let Some(dir) = path.parent().map(|d| if d.as_os_str().is_empty() { Path::new(".") } else { d }) else {
+    let Some(dir) = path.parent().map(|d| {
+        if d.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            d
+        }
+    }) else {
         return;
     };
     let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else {
@@ -67,7 +73,10 @@ fn watch_file(path: &Path, waker: Weak<FileWaker>) {
             return;
         }
     };
-    if let Err(e) = inotify.watches().add(dir, WatchMask::MODIFY | WatchMask::CREATE) {
+    if let Err(e) = inotify
+        .watches()
+        .add(dir, WatchMask::MODIFY | WatchMask::CREATE)
+    {
         tracing::warn!(error = %e, dir = %dir.display(), "cannot watch directory; falling back to polling");
         return;
     }

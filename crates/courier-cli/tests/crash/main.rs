@@ -40,7 +40,9 @@ impl Drop for Proc {
 impl Proc {
     /// SIGKILL: no clean shutdown, no lease release, no final offset commit.
     fn kill9(&mut self) {
-        self.child.kill().unwrap_or_else(|e| panic!("kill -9 {}: {e}", self.name));
+        self.child
+            .kill()
+            .unwrap_or_else(|e| panic!("kill -9 {}: {e}", self.name));
         self.child.wait().unwrap();
     }
 }
@@ -62,7 +64,9 @@ fn consumer(dir: &Path, name: &'static str) -> Proc {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     assert_eq!(line.trim(), "ready", "consumer {name} did not start");
     Proc { name, child }
 }
@@ -88,8 +92,15 @@ async fn write(store: &SqliteStore, channel: &ChannelName, from: u64, to: u64) {
     while n < to {
         let mut tx = store.pool().begin().await.unwrap();
         for _ in 0..25.min(to - n) {
-            let ping = Ping { n, ts_us: 0, pad: "x".repeat(100) };
-            let msg = JsonCodec::encode_to(&ping, channel).unwrap().with_key(format!("key-{}", n % 37)).unwrap();
+            let ping = Ping {
+                n,
+                ts_us: 0,
+                pad: "x".repeat(100),
+            };
+            let msg = JsonCodec::encode_to(&ping, channel)
+                .unwrap()
+                .with_key(format!("key-{}", n % 37))
+                .unwrap();
             store.outbox().send(&mut tx, msg).await.unwrap();
             n += 1;
         }
@@ -107,7 +118,10 @@ async fn effects(pool: &sqlx::SqlitePool) -> (i64, i64) {
 async fn wait_for(within: Duration, what: &str, mut f: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + within;
     while !f().await {
-        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -136,13 +150,19 @@ async fn kill_9_of_a_consumer_and_the_active_relay_loses_nothing_and_applies_not
                 == Some(holder)
         }
     };
-    wait_for(Duration::from_secs(20), "relay-1 active", async || lease("relay-1").await).await;
+    wait_for(Duration::from_secs(20), "relay-1 active", async || {
+        lease("relay-1").await
+    })
+    .await;
     let _r2 = relay(d, "relay-2");
 
     let fx = sqlx::SqlitePool::connect(&format!("sqlite:{}", d.join("consumer.db").display()))
         .await
         .unwrap();
-    wait_for(Duration::from_secs(30), "a quarter applied", async || effects(&fx).await.1 >= (N / 4) as i64).await;
+    wait_for(Duration::from_secs(30), "a quarter applied", async || {
+        effects(&fx).await.1 >= (N / 4) as i64
+    })
+    .await;
 
     // Mid-stream: more messages arrive while the active relay and a consumer die.
     write(&store, &channel, N / 3, 2 * N / 3).await;
@@ -150,12 +170,20 @@ async fn kill_9_of_a_consumer_and_the_active_relay_loses_nothing_and_applies_not
     c1.kill9();
     write(&store, &channel, 2 * N / 3, N).await;
 
-    wait_for(Duration::from_secs(60), "every message applied", async || effects(&fx).await.1 == N as i64).await;
+    wait_for(
+        Duration::from_secs(60),
+        "every message applied",
+        async || effects(&fx).await.1 == N as i64,
+    )
+    .await;
     assert!(lease("relay-2").await, "the standby relay took over");
     let (rows, distinct) = effects(&fx).await;
     assert_eq!(distinct, N as i64, "a message is missing");
     assert_eq!(rows, N as i64, "a message was applied twice");
     assert_eq!(store.outbox_len().await.unwrap(), 0, "the outbox drained");
-    let n_max: i64 = sqlx::query_scalar("SELECT max(n) FROM effects").fetch_one(&fx).await.unwrap();
+    let n_max: i64 = sqlx::query_scalar("SELECT max(n) FROM effects")
+        .fetch_one(&fx)
+        .await
+        .unwrap();
     assert_eq!(n_max, N as i64 - 1);
 }

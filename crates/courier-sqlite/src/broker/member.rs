@@ -87,7 +87,8 @@ pub(super) async fn join(broker: SqliteBroker, options: SubscribeOptions) -> Res
     };
     {
         let mut tx = broker
-            .inner.write_begin()
+            .inner
+            .write_begin()
             .await
             .map_err(broker.err("joining a consumer group"))?;
         for p in 0..partitions {
@@ -103,7 +104,9 @@ pub(super) async fn join(broker: SqliteBroker, options: SubscribeOptions) -> Res
             .await
             .map_err(broker.err("joining a consumer group"))?;
         }
-        tx.commit().await.map_err(broker.err("joining a consumer group"))?;
+        tx.commit()
+            .await
+            .map_err(broker.err("joining a consumer group"))?;
     }
     let shared = Arc::new(Shared {
         broker,
@@ -119,7 +122,10 @@ pub(super) async fn join(broker: SqliteBroker, options: SubscribeOptions) -> Res
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(coordinator(shared.clone(), stop_rx.clone()));
     tokio::spawn(fetcher(shared, tx, stop_rx));
-    Ok(Subscription::new(rx, Box::new(Membership { _stop: stop_tx })))
+    Ok(Subscription::new(
+        rx,
+        Box::new(Membership { _stop: stop_tx }),
+    ))
 }
 
 async fn stopped(stop: &mut watch::Receiver<bool>) {
@@ -169,7 +175,9 @@ async fn commit_progress(shared: &Shared) -> Result<()> {
         return Ok(());
     }
     let b = &shared.broker;
-    let mut tx = b.inner.write_begin()
+    let mut tx = b
+        .inner
+        .write_begin()
         .await
         .map_err(b.err("committing offsets"))?;
     let mut fenced = Vec::new();
@@ -201,7 +209,11 @@ async fn commit_progress(shared: &Shared) -> Result<()> {
         }
     }
     for (p, generation) in fenced {
-        if st.owned.get(&p).is_some_and(|ps| ps.generation == generation) {
+        if st
+            .owned
+            .get(&p)
+            .is_some_and(|ps| ps.generation == generation)
+        {
             tracing::warn!(channel = %shared.channel, group = %shared.group, partition = p,
                 "lost partition (fenced): another member owns it now");
             st.owned.remove(&p);
@@ -218,9 +230,7 @@ async fn rebalance(shared: &Shared) -> Result<()> {
     let grp = shared.group.as_str();
     let me = shared.member.as_str();
     let err = |what: &'static str| b.err(what);
-    let mut tx = b.inner.write_begin()
-        .await
-        .map_err(err("heartbeat"))?;
+    let mut tx = b.inner.write_begin().await.map_err(err("heartbeat"))?;
     sqlx::query(
         "INSERT INTO courier_members (channel, grp, member, joined_at, last_seen)
          VALUES (?, ?, ?, unixepoch('subsec'), unixepoch('subsec'))
@@ -271,13 +281,23 @@ async fn rebalance(shared: &Shared) -> Result<()> {
     let mut claimed: Vec<(u32, i64, i64)> = Vec::new();
     let mut keep: Vec<u32> = Vec::new();
     for row in rows {
-        let p: i64 = row.try_get("partition").map_err(err("reading partition owners"))?;
+        let p: i64 = row
+            .try_get("partition")
+            .map_err(err("reading partition owners"))?;
         let p = p as u32;
-        let owner: Option<String> = row.try_get("owner").map_err(err("reading partition owners"))?;
-        let generation: i64 = row.try_get("generation").map_err(err("reading partition owners"))?;
-        let committed: i64 = row.try_get("committed").map_err(err("reading partition owners"))?;
+        let owner: Option<String> = row
+            .try_get("owner")
+            .map_err(err("reading partition owners"))?;
+        let generation: i64 = row
+            .try_get("generation")
+            .map_err(err("reading partition owners"))?;
+        let committed: i64 = row
+            .try_get("committed")
+            .map_err(err("reading partition owners"))?;
         let desired = live.get(p as usize % n).map(String::as_str);
-        let owner_live = owner.as_deref().is_some_and(|o| live.iter().any(|m| m == o));
+        let owner_live = owner
+            .as_deref()
+            .is_some_and(|o| live.iter().any(|m| m == o));
         let mut free = owner.is_none() || !owner_live;
         if owner.as_deref() == Some(me) {
             if mine.get(&p) != Some(&generation) {
@@ -285,7 +305,11 @@ async fn rebalance(shared: &Shared) -> Result<()> {
                 free = true;
             } else if desired != Some(me) {
                 // Someone else should have it: commit our progress and release.
-                let to = progress.get(&p).copied().unwrap_or(committed).max(committed);
+                let to = progress
+                    .get(&p)
+                    .copied()
+                    .unwrap_or(committed)
+                    .max(committed);
                 sqlx::query(
                     "UPDATE courier_groups SET committed = ?, owner = NULL, generation = generation + 1
                      WHERE channel = ? AND grp = ? AND partition = ? AND owner = ? AND generation = ?",
@@ -342,7 +366,13 @@ async fn rebalance(shared: &Shared) -> Result<()> {
     st.owned.retain(|p, _| keep.contains(p));
     let any_new = !claimed.is_empty();
     for (p, generation, committed) in claimed {
-        tracing::debug!(channel = ch, group = grp, partition = p, generation, "claimed partition");
+        tracing::debug!(
+            channel = ch,
+            group = grp,
+            partition = p,
+            generation,
+            "claimed partition"
+        );
         st.owned.insert(
             p,
             PartitionState {
@@ -372,7 +402,9 @@ async fn leave(shared: &Shared) -> Result<()> {
         v
     };
     let b = &shared.broker;
-    let mut tx = b.inner.write_begin()
+    let mut tx = b
+        .inner
+        .write_begin()
         .await
         .map_err(b.err("leaving a group"))?;
     for (p, generation) in owned {
@@ -408,7 +440,12 @@ struct Fetched {
     message: std::result::Result<courier_core::Message, courier_core::Malformed>,
 }
 
-async fn read_partition(shared: &Shared, partition: u32, after: i64, limit: u32) -> Result<Vec<(i64, String, String, Vec<u8>)>> {
+async fn read_partition(
+    shared: &Shared,
+    partition: u32,
+    after: i64,
+    limit: u32,
+) -> Result<Vec<(i64, String, String, Vec<u8>)>> {
     let b = &shared.broker;
     let rows = sqlx::query(
         "SELECT seq, message_id, headers, payload FROM courier_log
@@ -425,7 +462,8 @@ async fn read_partition(shared: &Shared, partition: u32, after: i64, limit: u32)
         .map(|r| {
             Ok((
                 r.try_get("seq").map_err(b.err("reading a partition"))?,
-                r.try_get("message_id").map_err(b.err("reading a partition"))?,
+                r.try_get("message_id")
+                    .map_err(b.err("reading a partition"))?,
                 r.try_get("headers").map_err(b.err("reading a partition"))?,
                 r.try_get("payload").map_err(b.err("reading a partition"))?,
             ))
@@ -441,7 +479,14 @@ async fn fetch_round(shared: &Arc<Shared>, out: &mpsc::Sender<Delivery>) -> Resu
         .owned
         .iter()
         .filter(|(_, s)| s.in_flight.len() < cfg.max_in_flight)
-        .map(|(p, s)| (*p, s.generation, s.cursor, cfg.max_in_flight - s.in_flight.len()))
+        .map(|(p, s)| {
+            (
+                *p,
+                s.generation,
+                s.cursor,
+                cfg.max_in_flight - s.in_flight.len(),
+            )
+        })
         .collect();
     let mut total = 0usize;
     for (p, generation, cursor, room) in plan {
@@ -453,7 +498,9 @@ async fn fetch_round(shared: &Arc<Shared>, out: &mpsc::Sender<Delivery>) -> Resu
         let mut batch = Vec::with_capacity(rows.len());
         {
             let mut st = shared.lock();
-            let Some(ps) = st.owned.get_mut(&p) else { continue };
+            let Some(ps) = st.owned.get_mut(&p) else {
+                continue;
+            };
             if ps.generation != generation || ps.cursor != cursor {
                 continue;
             }
@@ -478,7 +525,12 @@ async fn fetch_round(shared: &Arc<Shared>, out: &mpsc::Sender<Delivery>) -> Resu
     Ok(Some(total))
 }
 
-fn delivery(shared: &Arc<Shared>, out: &mpsc::Sender<Delivery>, f: Fetched, redeliveries: u32) -> Delivery {
+fn delivery(
+    shared: &Arc<Shared>,
+    out: &mpsc::Sender<Delivery>,
+    f: Fetched,
+    redeliveries: u32,
+) -> Delivery {
     Delivery::new(
         f.message,
         shared.channel.clone(),
@@ -498,7 +550,11 @@ fn delivery(shared: &Arc<Shared>, out: &mpsc::Sender<Delivery>, f: Fetched, rede
     )
 }
 
-async fn fetcher(shared: Arc<Shared>, out: mpsc::Sender<Delivery>, mut stop: watch::Receiver<bool>) {
+async fn fetcher(
+    shared: Arc<Shared>,
+    out: mpsc::Sender<Delivery>,
+    mut stop: watch::Receiver<bool>,
+) {
     let poll = shared.broker.inner.config.poll_interval;
     let mut wake = shared.broker.inner.waker.subscribe();
     let mut failures = 0u32;
@@ -515,7 +571,8 @@ async fn fetcher(shared: Arc<Shared>, out: mpsc::Sender<Delivery>, mut stop: wat
             Ok(Some(_)) => failures = 0,
             Err(e) => {
                 failures += 1;
-                let delay = Duration::from_millis(20u64.saturating_mul(1 << failures.min(8)).min(5_000));
+                let delay =
+                    Duration::from_millis(20u64.saturating_mul(1 << failures.min(8)).min(5_000));
                 tracing::warn!(channel = %shared.channel, group = %shared.group, error = %e, ?delay, "fetch failed; retrying");
                 tokio::select! {
                     _ = stopped(&mut stop) => return,
@@ -526,7 +583,11 @@ async fn fetcher(shared: Arc<Shared>, out: mpsc::Sender<Delivery>, mut stop: wat
         }
         // A wake-up can arrive a hair before the commit is visible to readers: look once
         // more shortly after an empty wake-up, then wait.
-        let wait = if recheck { Duration::from_millis(2) } else { poll };
+        let wait = if recheck {
+            Duration::from_millis(2)
+        } else {
+            poll
+        };
         recheck = false;
         tokio::select! {
             _ = stopped(&mut stop) => return,
@@ -559,7 +620,8 @@ impl Acker for SqliteAcker {
             let mut st = self.shared.lock();
             match st.owned.get_mut(&self.partition) {
                 Some(ps) if ps.generation == self.generation => {
-                    let was_full = ps.in_flight.len() >= self.shared.broker.inner.config.max_in_flight;
+                    let was_full =
+                        ps.in_flight.len() >= self.shared.broker.inner.config.max_in_flight;
                     ps.ack(self.offset);
                     was_full
                 }
@@ -587,7 +649,9 @@ impl Acker for SqliteAcker {
                 if !still_ours {
                     return;
                 }
-                let Some(out) = this.out.upgrade() else { return };
+                let Some(out) = this.out.upgrade() else {
+                    return;
+                };
                 match read_partition(&this.shared, this.partition, this.offset - 1, 1).await {
                     Ok(rows) => {
                         if let Some((seq, id, headers, payload)) = rows.into_iter().next()
@@ -603,7 +667,9 @@ impl Acker for SqliteAcker {
                             let _ = out.send(d).await;
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, "redelivery read failed; the message comes back after a restart or rebalance"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "redelivery read failed; the message comes back after a restart or rebalance")
+                    }
                 }
             });
             Ok(())

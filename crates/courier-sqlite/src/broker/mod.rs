@@ -167,7 +167,8 @@ impl SqliteBroker {
     /// Open with settings.
     pub async fn open_with(path: impl AsRef<Path>, config: SqliteBrokerConfig) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let write = connect::open_pool_with(&path, config.sync, 1, connect::LockWait::InCourier).await?;
+        let write =
+            connect::open_pool_with(&path, config.sync, 1, connect::LockWait::InCourier).await?;
         connect::apply_schema(&write, &path, SCHEMA).await?;
         let read = connect::open_pool(&path, config.sync, 2).await?;
         let waker = waker_for(&path);
@@ -222,7 +223,8 @@ impl SqliteBroker {
         if let Some(n) = self.cached(channel) {
             return Ok(n);
         }
-        self.ensure_channel(channel, self.inner.config.default_partitions).await
+        self.ensure_channel(channel, self.inner.config.default_partitions)
+            .await
     }
 
     fn cached(&self, channel: &ChannelName) -> Option<u32> {
@@ -234,7 +236,11 @@ impl SqliteBroker {
     }
 
     async fn ensure_channel(&self, channel: &ChannelName, partitions: u32) -> Result<u32> {
-        let mut tx = self.inner.write_begin().await.map_err(self.err("creating a channel"))?;
+        let mut tx = self
+            .inner
+            .write_begin()
+            .await
+            .map_err(self.err("creating a channel"))?;
         sqlx::query(
             "INSERT INTO courier_channels (name, partitions, created_at)
              VALUES (?, ?, unixepoch('subsec')) ON CONFLICT (name) DO NOTHING",
@@ -271,7 +277,8 @@ impl SqliteBroker {
         }
         let mut positions = Vec::with_capacity(messages.len());
         let mut tx = self
-            .inner.write_begin()
+            .inner
+            .write_begin()
             .await
             .map_err(self.err("publishing"))?;
         for chunk in routed.chunks(100) {
@@ -286,7 +293,11 @@ impl SqliteBroker {
                     .push_bind(m.payload.to_vec())
                     .push("unixepoch('subsec')");
             });
-            let done = q.build().execute(&mut *tx).await.map_err(self.err("publishing"))?;
+            let done = q
+                .build()
+                .execute(&mut *tx)
+                .await
+                .map_err(self.err("publishing"))?;
             // AUTOINCREMENT rowids of one multi-row insert by the only writer are consecutive.
             let last = done.last_insert_rowid();
             let first = last - chunk.len() as i64 + 1;
@@ -312,7 +323,12 @@ impl SqliteBroker {
         channel: &ChannelName,
         after: u64,
         limit: u32,
-    ) -> Result<Vec<(Position, std::result::Result<Message, courier_core::Malformed>)>> {
+    ) -> Result<
+        Vec<(
+            Position,
+            std::result::Result<Message, courier_core::Malformed>,
+        )>,
+    > {
         let rows = sqlx::query(
             "SELECT seq, partition, message_id, headers, payload FROM courier_log
              WHERE channel = ? AND seq > ? ORDER BY seq LIMIT ?",
@@ -326,10 +342,18 @@ impl SqliteBroker {
         rows.iter()
             .map(|r| {
                 let seq: i64 = r.try_get("seq").map_err(self.err("reading a channel"))?;
-                let partition: i64 = r.try_get("partition").map_err(self.err("reading a channel"))?;
-                let id: String = r.try_get("message_id").map_err(self.err("reading a channel"))?;
-                let headers: String = r.try_get("headers").map_err(self.err("reading a channel"))?;
-                let payload: Vec<u8> = r.try_get("payload").map_err(self.err("reading a channel"))?;
+                let partition: i64 = r
+                    .try_get("partition")
+                    .map_err(self.err("reading a channel"))?;
+                let id: String = r
+                    .try_get("message_id")
+                    .map_err(self.err("reading a channel"))?;
+                let headers: String = r
+                    .try_get("headers")
+                    .map_err(self.err("reading a channel"))?;
+                let payload: Vec<u8> = r
+                    .try_get("payload")
+                    .map_err(self.err("reading a channel"))?;
                 Ok((
                     Position {
                         partition: partition as u32,
@@ -343,11 +367,12 @@ impl SqliteBroker {
 
     /// The newest position of `channel` (0 when empty).
     pub async fn head(&self, channel: &ChannelName) -> Result<u64> {
-        let n: Option<i64> = sqlx::query_scalar("SELECT max(seq) FROM courier_log WHERE channel = ?")
-            .bind(channel.as_str())
-            .fetch_one(&self.inner.read)
-            .await
-            .map_err(self.err("reading a channel"))?;
+        let n: Option<i64> =
+            sqlx::query_scalar("SELECT max(seq) FROM courier_log WHERE channel = ?")
+                .bind(channel.as_str())
+                .fetch_one(&self.inner.read)
+                .await
+                .map_err(self.err("reading a channel"))?;
         Ok(n.unwrap_or(0) as u64)
     }
 
@@ -363,7 +388,11 @@ impl SqliteBroker {
     pub async fn prune(&self, retention: Duration) -> Result<u64> {
         let mut total = 0;
         loop {
-            let mut tx = self.inner.write_begin().await.map_err(self.err("pruning consumed messages"))?;
+            let mut tx = self
+                .inner
+                .write_begin()
+                .await
+                .map_err(self.err("pruning consumed messages"))?;
             let n = sqlx::query(
                 "DELETE FROM courier_log WHERE seq IN (
                    SELECT l.seq FROM courier_log l
@@ -377,7 +406,9 @@ impl SqliteBroker {
             .await
             .map_err(self.err("pruning consumed messages"))?
             .rows_affected();
-            tx.commit().await.map_err(self.err("pruning consumed messages"))?;
+            tx.commit()
+                .await
+                .map_err(self.err("pruning consumed messages"))?;
             total += n;
             if n < 1000 {
                 return Ok(total);

@@ -21,8 +21,15 @@ async fn handles_each_message_once_and_produces_in_the_same_transaction() {
     // Per key, in publish order.
     let applied = e.applied().await;
     for k in 0..5 {
-        let ns: Vec<u32> = applied.iter().filter(|(key, _)| key == &format!("k{k}")).map(|(_, n)| *n).collect();
-        assert!(ns.windows(2).all(|w| w[0] < w[1]), "key k{k} out of order: {ns:?}");
+        let ns: Vec<u32> = applied
+            .iter()
+            .filter(|(key, _)| key == &format!("k{k}"))
+            .map(|(_, n)| *n)
+            .collect();
+        assert!(
+            ns.windows(2).all(|w| w[0] < w[1]),
+            "key k{k} out of order: {ns:?}"
+        );
     }
     run.stop().await;
 }
@@ -39,13 +46,24 @@ async fn duplicate_delivery_is_skipped_by_the_inbox() {
     let d = e.dispatcher(fast_retry(3));
     let stats = d.stats();
     let run = e.start(d).await;
-    wait_until(T, "second message applied", || async { e.applied_count().await == 2 }).await;
+    wait_until(T, "second message applied", || async {
+        e.applied_count().await == 2
+    })
+    .await;
     wait_until(T, "duplicate counted", || async {
         stats.duplicates.load(std::sync::atomic::Ordering::Relaxed) == 1
     })
     .await;
-    assert_eq!(e.applied().await, vec![("dup".into(), 1), ("dup".into(), 2)]);
-    assert!(e.store.inbox_contains("worker", &m.id.to_string()).await.unwrap());
+    assert_eq!(
+        e.applied().await,
+        vec![("dup".into(), 1), ("dup".into(), 2)]
+    );
+    assert!(
+        e.store
+            .inbox_contains("worker", &m.id.to_string())
+            .await
+            .unwrap()
+    );
     run.stop().await;
 }
 
@@ -54,14 +72,30 @@ async fn transient_failure_is_retried_and_holds_only_its_own_key() {
     let e = env().await;
     let mut slow = e.work("slow", 1);
     slow.fail_transient = 2;
-    let works = vec![slow, e.work("slow", 2), e.work("fast", 1), e.work("fast", 2)];
+    let works = vec![
+        slow,
+        e.work("slow", 2),
+        e.work("fast", 1),
+        e.work("fast", 2),
+    ];
     e.publish(&works).await;
     let run = e.start(e.dispatcher(fast_retry(5))).await;
-    wait_until(T, "all 4 applied", || async { e.applied_count().await == 4 }).await;
+    wait_until(T, "all 4 applied", || async {
+        e.applied_count().await == 4
+    })
+    .await;
     let applied = e.applied().await;
-    let pos = |k: &str, n: u32| applied.iter().position(|a| a == &(k.to_owned(), n)).unwrap();
+    let pos = |k: &str, n: u32| {
+        applied
+            .iter()
+            .position(|a| a == &(k.to_owned(), n))
+            .unwrap()
+    };
     // The other key did not wait for the retries...
-    assert!(pos("fast", 2) < pos("slow", 1), "fast key was stalled: {applied:?}");
+    assert!(
+        pos("fast", 2) < pos("slow", 1),
+        "fast key was stalled: {applied:?}"
+    );
     // ... and the failing key kept its order.
     assert!(pos("slow", 1) < pos("slow", 2));
     assert_eq!(e.attempts_of("slow", 1).await, 3);
@@ -81,13 +115,17 @@ async fn poison_message_is_dead_lettered_with_its_history_and_parks_its_key() {
         e.store.dead_letters(None, 10).await.unwrap().len() == 2
     })
     .await;
-    wait_until(T, "good key applied", || async { e.applied_count().await == 1 }).await;
+    wait_until(T, "good key applied", || async {
+        e.applied_count().await == 1
+    })
+    .await;
     assert_eq!(e.applied().await, vec![("good".into(), 1)]);
     let dls = e.store.dead_letters(None, 10).await.unwrap();
     let root = &dls[0].record;
     assert_eq!(root.reason, DeadLetterReason::Exhausted);
     assert_eq!(root.status, DeadLetterStatus::Dead);
     assert_eq!(root.attempts, 3);
+    assert_eq!(e.attempts_of("bad", 1).await, 3, "the handler ran more often than max_attempts");
     assert!(root.first_failed_at_ms <= root.last_failed_at_ms);
     assert!(root.error.contains("flaky"), "{}", root.error);
     assert_eq!(root.partition_key.as_deref(), Some("bad"));
@@ -129,14 +167,21 @@ async fn redrive_runs_the_dead_letter_then_its_parked_messages_in_order() {
     // Still failing: the retry puts it back to dead and keeps the others parked.
     e.store.retry_dead_letter(root.id).await.unwrap();
     wait_until(T, "retry failed again", || async {
-        e.store.dead_letter(root.id).await.unwrap().is_some_and(|d| d.record.status == DeadLetterStatus::Dead && d.record.attempts == 2)
+        e.store
+            .dead_letter(root.id)
+            .await
+            .unwrap()
+            .is_some_and(|d| d.record.status == DeadLetterStatus::Dead && d.record.attempts == 2)
     })
     .await;
     assert_eq!(e.applied_count().await, 0);
 
     // Operator discards the poison: the parked ones are handled, in order.
     e.store.discard_dead_letter(root.id).await.unwrap();
-    wait_until(T, "parked ones applied", || async { e.applied_count().await == 2 }).await;
+    wait_until(T, "parked ones applied", || async {
+        e.applied_count().await == 2
+    })
+    .await;
     assert_eq!(e.applied().await, vec![("k".into(), 2), ("k".into(), 3)]);
     wait_until(T, "dead letters gone", || async {
         e.store.dead_letters(None, 10).await.unwrap().is_empty()
@@ -186,21 +231,30 @@ async fn bad_input_is_dead_lettered_with_a_reason_and_the_consumer_keeps_going()
     // Expired deadline.
     let mut expired = e.message(&e.work("late", 1));
     expired.headers.insert(headers::DEADLINE, "1000").unwrap();
-    e.publish_raw(&[unknown, garbage, v9, untyped, expired]).await;
+    e.publish_raw(&[unknown, garbage, v9, untyped, expired])
+        .await;
     e.publish(&[e.work("g", 2)]).await;
     let run = e
-        .start(e.dispatcher(fast_retry(3).max_message_bytes(courier_core::message::DEFAULT_MAX_MESSAGE_BYTES)))
+        .start(e.dispatcher(
+            fast_retry(3).max_message_bytes(courier_core::message::DEFAULT_MAX_MESSAGE_BYTES),
+        ))
         .await;
     wait_until(T, "5 dead letters", || async {
         e.store.dead_letters(None, 10).await.unwrap().len() == 5
     })
     .await;
     // Bad input does not block its key: g/2 was handled.
-    wait_until(T, "good message applied", || async { e.applied_count().await == 1 }).await;
+    wait_until(T, "good message applied", || async {
+        e.applied_count().await == 1
+    })
+    .await;
     // Partitions are consumed independently: find each dead letter by what it was.
     let dls = e.store.dead_letters(None, 10).await.unwrap();
     let find = |pred: &dyn Fn(&courier_core::DeadLetter) -> bool| {
-        dls.iter().find(|d| pred(d)).map(|d| (d.record.reason, d.record.error.clone())).unwrap()
+        dls.iter()
+            .find(|d| pred(d))
+            .map(|d| (d.record.reason, d.record.error.clone()))
+            .unwrap()
     };
     let (reason, error) = find(&|d| d.record.message_type.as_deref() == Some("test.Nobody"));
     assert_eq!(reason, DeadLetterReason::UnknownType);
@@ -228,7 +282,9 @@ async fn oversized_message_is_dead_lettered_not_handled() {
     m = m.with_header("x-padding", "p".repeat(4000)).unwrap();
     e.publish_raw(&[m]).await;
     e.publish(&[e.work("big", 2)]).await;
-    let run = e.start(e.dispatcher(fast_retry(3).max_message_bytes(2000))).await;
+    let run = e
+        .start(e.dispatcher(fast_retry(3).max_message_bytes(2000)))
+        .await;
     wait_until(T, "oversized dead-lettered", || async {
         e.store.dead_letters(None, 10).await.unwrap().len() == 1
     })
@@ -236,7 +292,11 @@ async fn oversized_message_is_dead_lettered_not_handled() {
     wait_until(T, "next applied", || async { e.applied_count().await == 1 }).await;
     let dl = &e.store.dead_letters(None, 10).await.unwrap()[0];
     assert_eq!(dl.record.reason, DeadLetterReason::Oversized);
-    assert!(dl.record.error.contains("limit is 2000"), "{}", dl.record.error);
+    assert!(
+        dl.record.error.contains("limit is 2000"),
+        "{}",
+        dl.record.error
+    );
     run.stop().await;
 }
 
@@ -247,12 +307,14 @@ async fn handler_panic_is_a_transient_failure_not_a_crash() {
     e.publish(&[e.work("p", 1), e.work("q", 1)]).await;
     let d = Dispatcher::new(e.store.clone(), e.group.clone())
         .with_config(fast_retry(2))
-        .on(|_ctx: HandlerContext<courier_sqlite::SqliteStore>, w: Work| async move {
-            if w.key == "p" {
-                panic!("boom in handler");
-            }
-            Ok(())
-        });
+        .on(
+            |_ctx: HandlerContext<courier_sqlite::SqliteStore>, w: Work| async move {
+                if w.key == "p" {
+                    panic!("boom in handler");
+                }
+                Ok(())
+            },
+        );
     let stats = d.stats();
     let run = e.start(d).await;
     wait_until(T, "panicking message dead-lettered", || async {
@@ -260,7 +322,11 @@ async fn handler_panic_is_a_transient_failure_not_a_crash() {
     })
     .await;
     let dl = &e.store.dead_letters(None, 10).await.unwrap()[0];
-    assert!(dl.record.error.contains("boom in handler"), "{}", dl.record.error);
+    assert!(
+        dl.record.error.contains("boom in handler"),
+        "{}",
+        dl.record.error
+    );
     wait_until(T, "other key handled", || async {
         stats.handled.load(std::sync::atomic::Ordering::Relaxed) == 1
     })
@@ -271,18 +337,30 @@ async fn handler_panic_is_a_transient_failure_not_a_crash() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_dispatcher_resumes_without_loss_or_double_effects() {
     let e = env().await;
-    let works: Vec<_> = (0..200).map(|i| e.work(&format!("k{}", i % 7), i)).collect();
+    let works: Vec<_> = (0..200)
+        .map(|i| e.work(&format!("k{}", i % 7), i))
+        .collect();
     e.publish(&works[..100]).await;
     let run = e.start(e.dispatcher(fast_retry(3))).await;
-    wait_until(T, "some applied", || async { e.applied_count().await >= 30 }).await;
+    wait_until(T, "some applied", || async {
+        e.applied_count().await >= 30
+    })
+    .await;
     drop(run); // abort mid-stream: no clean shutdown
     e.publish(&works[100..]).await;
     let run = e.start(e.dispatcher(fast_retry(3))).await;
-    wait_until(T, "all applied", || async { e.applied_count().await >= 200 }).await;
+    wait_until(T, "all applied", || async {
+        e.applied_count().await >= 200
+    })
+    .await;
     run.stop().await;
     let mut ns: Vec<u32> = e.applied().await.into_iter().map(|(_, n)| n).collect();
     ns.sort_unstable();
-    assert_eq!(ns, (0..200).collect::<Vec<_>>(), "each message applied exactly once");
+    assert_eq!(
+        ns,
+        (0..200).collect::<Vec<_>>(),
+        "each message applied exactly once"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -290,11 +368,20 @@ async fn inbox_rows_are_pruned_in_batches() {
     let e = env().await;
     let mut tx = e.store.begin().await.unwrap();
     for i in 0..250 {
-        assert!(e.store.inbox_record(&mut tx, "s", &format!("m{i}")).await.unwrap());
+        assert!(
+            e.store
+                .inbox_record(&mut tx, "s", &format!("m{i}"))
+                .await
+                .unwrap()
+        );
     }
     assert!(!e.store.inbox_record(&mut tx, "s", "m0").await.unwrap());
     e.store.commit(tx).await.unwrap();
-    assert_eq!(e.store.prune_inbox(60_000, 100).await.unwrap(), 0, "young rows are kept");
+    assert_eq!(
+        e.store.prune_inbox(60_000, 100).await.unwrap(),
+        0,
+        "young rows are kept"
+    );
     assert_eq!(e.store.prune_inbox(0, 100).await.unwrap(), 250);
     let _ = JsonCodec;
 }

@@ -52,14 +52,17 @@ pub struct Env {
 
 pub async fn env() -> Env {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(dir.path().join("service.db")).await.unwrap();
+    let store = SqliteStore::open(dir.path().join("service.db"))
+        .await
+        .unwrap();
     sqlx::query("CREATE TABLE applied (seq INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, n INTEGER NOT NULL)")
         .execute(store.pool())
         .await
         .unwrap();
     let broker = SqliteBroker::open_with(
         dir.path().join("broker.db"),
-        SqliteBrokerConfig::default().liveness(Duration::from_millis(100), Duration::from_millis(600)),
+        SqliteBrokerConfig::default()
+            .liveness(Duration::from_millis(100), Duration::from_millis(600)),
     )
     .await
     .unwrap();
@@ -75,17 +78,29 @@ pub async fn env() -> Env {
 
 pub fn fast_retry(max_attempts: u32) -> DispatcherConfig {
     DispatcherConfig::default()
-        .retry(RetryPolicy::exponential(max_attempts, Duration::from_millis(20), Duration::from_millis(100)))
+        .retry(RetryPolicy::exponential(
+            max_attempts,
+            Duration::from_millis(20),
+            Duration::from_millis(100),
+        ))
         .redrive_interval(Duration::from_millis(50))
 }
 
 impl Env {
     pub fn work(&self, key: &str, n: u32) -> Work {
-        Work { key: key.into(), n, fail_transient: 0, permanent: false }
+        Work {
+            key: key.into(),
+            n,
+            fail_transient: 0,
+            permanent: false,
+        }
     }
 
     pub fn message(&self, w: &Work) -> Message {
-        JsonCodec::encode_to(w, &self.channel).unwrap().with_key(w.key.clone()).unwrap()
+        JsonCodec::encode_to(w, &self.channel)
+            .unwrap()
+            .with_key(w.key.clone())
+            .unwrap()
     }
 
     pub async fn publish(&self, works: &[Work]) {
@@ -118,9 +133,18 @@ impl Env {
                         .bind(w.n)
                         .execute(&mut *ctx.tx().await)
                         .await?;
-                    ctx.publish(&done, &WorkDone { key: w.key.clone(), n: w.n })?;
+                    ctx.publish(
+                        &done,
+                        &WorkDone {
+                            key: w.key.clone(),
+                            n: w.n,
+                        },
+                    )?;
                     if w.permanent {
-                        return Err(HandlerError::permanent(format!("work {} {} is impossible", w.key, w.n)));
+                        return Err(HandlerError::permanent(format!(
+                            "work {} {} is impossible",
+                            w.key, w.n
+                        )));
                     }
                     if attempt <= w.fail_transient {
                         return Err(HandlerError::transient(format!("flaky {attempt}")));
@@ -134,14 +158,20 @@ impl Env {
     pub async fn start(&self, d: Dispatcher<SqliteStore>) -> Running {
         let sub = self
             .broker
-            .subscribe(SubscribeOptions::new(self.channel.clone(), self.group.clone()))
+            .subscribe(SubscribeOptions::new(
+                self.channel.clone(),
+                self.group.clone(),
+            ))
             .await
             .unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(d.run(sub, async move {
             let _ = rx.await;
         }));
-        Running { stop: Some(tx), handle: Some(handle) }
+        Running {
+            stop: Some(tx),
+            handle: Some(handle),
+        }
     }
 
     pub async fn applied(&self) -> Vec<(String, u32)> {
@@ -156,7 +186,12 @@ impl Env {
     }
 
     pub async fn attempts_of(&self, key: &str, n: u32) -> u32 {
-        *self.attempts.lock().unwrap().get(&(key.to_owned(), n)).unwrap_or(&0)
+        *self
+            .attempts
+            .lock()
+            .unwrap()
+            .get(&(key.to_owned(), n))
+            .unwrap_or(&0)
     }
 }
 
