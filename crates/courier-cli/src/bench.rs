@@ -132,6 +132,7 @@ struct Report {
     lost: u64,
     duplicates_applied: u64,
     throughput_vs_raw: f64,
+    raw_commit_rate_pool_per_s: f64,
     producers: u32,
     partitions: u32,
     rate: Option<f64>,
@@ -166,7 +167,13 @@ pub(crate) async fn run(args: BenchArgs, json: bool) -> Result<()> {
     let dir: PathBuf = match &args.dir {
         Some(d) => {
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-            for f in ["producer.db", "consumer.db", "broker.db", "raw.db"] {
+            for f in [
+                "producer.db",
+                "consumer.db",
+                "broker.db",
+                "raw.db",
+                "raw-pool.db",
+            ] {
                 for suffix in ["", "-wal", "-shm"] {
                     let _ = std::fs::remove_file(d.join(format!("{f}{suffix}")));
                 }
@@ -180,16 +187,29 @@ pub(crate) async fn run(args: BenchArgs, json: bool) -> Result<()> {
     };
     let sync = args.sync.sync();
 
-    // 1. The raw reference, on a quiet machine, same driver and settings.
+    // 1. The raw reference, on a quiet machine, same driver and settings: single-row
+    //    autocommit INSERTs on one held connection (how Courier's writer commits), and,
+    //    for comparison, through a pool.
     let raw = courier::sqlite::raw_commit_rate(
         &dir.join("raw.db"),
         sync,
+        courier::sqlite::RawPath::Connection,
         args.payload_bytes,
         Duration::from_secs(1),
         1_000_000,
     )
     .await
     .context("measuring the raw SQLite commit rate")?;
+    let raw_pool = courier::sqlite::raw_commit_rate(
+        &dir.join("raw-pool.db"),
+        sync,
+        courier::sqlite::RawPath::Pool,
+        args.payload_bytes,
+        Duration::from_secs(1),
+        1_000_000,
+    )
+    .await
+    .context("measuring the raw SQLite commit rate through a pool")?;
 
     // 2. Producer side: service database + relay, broker with the channel.
     let store = SqliteStore::open_with(
@@ -270,7 +290,7 @@ pub(crate) async fn run(args: BenchArgs, json: bool) -> Result<()> {
                 if let Some(r) = rate {
                     tokio::time::sleep_until(start + Duration::from_secs_f64(n as f64 / r)).await;
                 }
-                let mut tx = store.pool().begin().await?;
+                let mut tx = store.begin().await?;
                 sqlx::query("INSERT INTO business (n, body) VALUES (?, ?)")
                     .bind(n as i64)
                     .bind(&pad)
@@ -366,6 +386,7 @@ pub(crate) async fn run(args: BenchArgs, json: bool) -> Result<()> {
         lost: args.messages.saturating_sub(distinct as u64),
         duplicates_applied: (rows - distinct) as u64,
         throughput_vs_raw: throughput / raw,
+        raw_commit_rate_pool_per_s: raw_pool,
         producers: args.producers,
         partitions: args.partitions,
         rate: args.rate,
@@ -421,8 +442,12 @@ fn print_human(r: &Report) {
         r.throughput_msgs_per_s, r.seconds
     );
     println!(
-        "  raw SQLite commit {:>10.0} /s     (same run, single-row autocommit)",
+        "  raw SQLite commit {:>10.0} /s     (same run, single-row autocommit, held connection)",
         r.raw_commit_rate_per_s
+    );
+    println!(
+        "                    {:>10.0} /s     (the same through a sqlx pool)",
+        r.raw_commit_rate_pool_per_s
     );
     println!("  ratio             {:>10.2}", r.throughput_vs_raw);
     println!(

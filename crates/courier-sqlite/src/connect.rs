@@ -116,18 +116,7 @@ pub(crate) async fn open_pool_with(
             ),
         ));
     }
-    let options = SqliteConnectOptions::new()
-        .filename(path)
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(sync.sqlite())
-        .busy_timeout(match wait {
-            LockWait::InSqlite => Duration::from_secs(10),
-            LockWait::InCourier => Duration::ZERO,
-        })
-        .foreign_keys(false)
-        .pragma("temp_store", "memory")
-        .pragma("cache_size", "-16000");
+    let options = connect_options(path, sync, wait);
     let pool = SqlitePoolOptions::new()
         .max_connections(max_connections.max(1))
         .min_connections(1)
@@ -156,6 +145,22 @@ pub(crate) async fn open_pool_with(
             )
         })?;
     Ok(pool)
+}
+
+/// Courier's connection settings for `path`.
+pub(crate) fn connect_options(path: &Path, sync: Sync, wait: LockWait) -> SqliteConnectOptions {
+    SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(sync.sqlite())
+        .busy_timeout(match wait {
+            LockWait::InSqlite => Duration::from_secs(10),
+            LockWait::InCourier => Duration::ZERO,
+        })
+        .foreign_keys(false)
+        .pragma("temp_store", "memory")
+        .pragma("cache_size", "-16000")
 }
 
 /// Run schema statements (idempotent `CREATE ... IF NOT EXISTS`).

@@ -20,15 +20,17 @@ mod reference;
 mod relay;
 mod store;
 mod wake;
+mod writer;
 
 pub use broker::{
     ChannelInfo, GroupInfo, GroupPartition, PartitionInfo, SqliteBroker, SqliteBrokerConfig,
 };
 pub use connect::{Sync, parse_sqlite_url};
 pub use outbox::Outbox;
-pub use reference::raw_commit_rate;
+pub use reference::{RawPath, raw_commit_rate};
 pub use relay::{Relay, RelayConfig, RelayStats};
 pub use store::{OutboxRow, SqliteStore, SqliteStoreOptions};
+pub use writer::StoreTx;
 
 use bytes::Bytes;
 use courier_core::{Headers, Malformed, Message, MessageId};

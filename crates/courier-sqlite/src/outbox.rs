@@ -8,10 +8,10 @@ use sqlx::sqlite::SqliteConnection;
 ///
 /// ```no_run
 /// # async fn f(store: courier_sqlite::SqliteStore, msg: courier_core::Message) -> courier_core::Result<()> {
-/// let mut tx = store.pool().begin().await.unwrap();
+/// let mut tx = store.begin().await?;
 /// // ... your business writes on &mut *tx ...
 /// store.outbox().send(&mut tx, msg).await?;
-/// tx.commit().await.unwrap();
+/// tx.commit().await?;
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Clone, Copy, Default)]

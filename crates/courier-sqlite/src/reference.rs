@@ -6,11 +6,24 @@ use courier_core::Result;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+/// How the reference reaches SQLite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawPath {
+    /// One connection held for the whole run: the driver's floor, and how Courier's
+    /// writer commits.
+    Connection,
+    /// `execute(&pool)` per row: what a plain sqlx pool user pays per commit (acquire,
+    /// statement, release with its ping).
+    Pool,
+}
+
 /// Commit one `payload_bytes`-byte row per transaction (autocommit `INSERT`) into a fresh
-/// table at `path` for `duration` (or `max_rows`), and return commits per second.
+/// table at `path` for `duration` (or `max_rows`), and return commits per second. A short
+/// warm-up runs first and is not counted.
 pub async fn raw_commit_rate(
     path: &Path,
     sync: Sync,
+    via: RawPath,
     payload_bytes: usize,
     duration: Duration,
     max_rows: u64,
@@ -24,17 +37,49 @@ pub async fn raw_commit_rate(
     .await
     .map_err(err)?;
     let payload = vec![7u8; payload_bytes];
-    let start = Instant::now();
+    let insert = "INSERT INTO raw_rows (payload) VALUES (?)";
     let mut n = 0u64;
-    while n < max_rows && start.elapsed() < duration {
-        sqlx::query("INSERT INTO raw_rows (payload) VALUES (?)")
-            .bind(&payload)
-            .execute(&pool)
-            .await
-            .map_err(err)?;
-        n += 1;
-    }
-    let secs = start.elapsed().as_secs_f64();
+    let secs = match via {
+        RawPath::Connection => {
+            let mut conn = pool.acquire().await.map_err(err)?;
+            for _ in 0..200 {
+                sqlx::query(insert)
+                    .bind(&payload)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(err)?;
+            }
+            let start = Instant::now();
+            while n < max_rows && start.elapsed() < duration {
+                sqlx::query(insert)
+                    .bind(&payload)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(err)?;
+                n += 1;
+            }
+            start.elapsed().as_secs_f64()
+        }
+        RawPath::Pool => {
+            for _ in 0..200 {
+                sqlx::query(insert)
+                    .bind(&payload)
+                    .execute(&pool)
+                    .await
+                    .map_err(err)?;
+            }
+            let start = Instant::now();
+            while n < max_rows && start.elapsed() < duration {
+                sqlx::query(insert)
+                    .bind(&payload)
+                    .execute(&pool)
+                    .await
+                    .map_err(err)?;
+                n += 1;
+            }
+            start.elapsed().as_secs_f64()
+        }
+    };
     pool.close().await;
     Ok(n as f64 / secs.max(1e-9))
 }

@@ -3,6 +3,7 @@
 use crate::connect::{self, Sync};
 use crate::error::map;
 use crate::wake::{FileWaker, waker_for};
+use crate::writer::{StoreTx, Writer};
 use bytes::Bytes;
 use courier_core::dead_letter::DeadLetterRecord;
 use courier_core::{
@@ -10,7 +11,7 @@ use courier_core::{
     Result, now_ms,
 };
 use sqlx::sqlite::{SqliteConnection, SqlitePool, SqliteRow};
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::{Row, Sqlite};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -61,8 +62,8 @@ const SCHEMA: &[&str] = &[
 pub struct SqliteStoreOptions {
     /// Durability of commits.
     pub sync: Sync,
-    /// Connections in the pool. SQLite has one writer at a time; a single connection
-    /// queues writers in the process instead of making them sleep on the file lock.
+    /// Connections in the read pool ([`SqliteStore::pool`]). Writes go through the one
+    /// writer connection ([`SqliteStore::begin`]).
     pub max_connections: u32,
 }
 
@@ -70,7 +71,7 @@ impl Default for SqliteStoreOptions {
     fn default() -> Self {
         Self {
             sync: Sync::Normal,
-            max_connections: 1,
+            max_connections: 2,
         }
     }
 }
@@ -98,6 +99,7 @@ pub struct SqliteStore {
 
 struct Inner {
     pool: SqlitePool,
+    writer: Writer,
     /// Reads that must not wait behind writers on `pool` (WAL readers never block).
     read: SqlitePool,
     path: PathBuf,
@@ -133,10 +135,16 @@ impl SqliteStore {
         let pool = connect::open_pool(&path, options.sync, options.max_connections).await?;
         connect::apply_schema(&pool, &path, SCHEMA).await?;
         let read = connect::open_pool(&path, options.sync, 1).await?;
+        let writer = Writer::open(
+            &connect::connect_options(&path, options.sync, connect::LockWait::InSqlite),
+            path.clone(),
+        )
+        .await?;
         let waker = waker_for(&path);
         Ok(Self {
             inner: Arc::new(Inner {
                 pool,
+                writer,
                 read,
                 path,
                 waker,
@@ -149,7 +157,17 @@ impl SqliteStore {
         Self::open(connect::parse_sqlite_url(url)?).await
     }
 
-    /// The pool: begin your business transactions here and pass them to the outbox.
+    /// Begin a write transaction on the service database's writer connection: run your
+    /// business statements on `&mut *tx`, add messages with
+    /// `store.outbox().send(&mut tx, msg)`, then `tx.commit()`. All write transactions of
+    /// the process queue here (SQLite has one writer at a time), without the per-
+    /// transaction cost of a pool.
+    pub async fn begin(&self) -> Result<StoreTx> {
+        self.inner.writer.begin().await
+    }
+
+    /// A pool on the same file, for reads (and for writes by code that needs a sqlx
+    /// `Transaction`; those wait on SQLite's file lock behind [`begin`](Self::begin)).
     pub fn pool(&self) -> &SqlitePool {
         &self.inner.pool
     }
@@ -225,9 +243,10 @@ impl SqliteStore {
         q.push(" AND generation = ");
         q.push_bind(generation);
         q.push(")");
+        let mut w = self.inner.writer.lock().await;
         let deleted = q
             .build()
-            .execute(self.pool())
+            .execute(&mut *w)
             .await
             .map_err(self.err("deleting published outbox rows"))?
             .rows_affected();
@@ -240,7 +259,7 @@ impl SqliteStore {
         )
         .bind(holder)
         .bind(generation)
-        .fetch_optional(self.pool())
+        .fetch_optional(&mut *w)
         .await
         .map_err(self.err("checking the relay lease"))?;
         Ok(held.is_some())
@@ -251,11 +270,7 @@ impl SqliteStore {
     /// relay holds it. Uses the database's clock only.
     pub async fn relay_lease(&self, holder: &str, ttl_ms: u64) -> Result<Option<i64>> {
         let ttl = ttl_ms as f64 / 1000.0;
-        let mut tx = self
-            .pool()
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(self.err("taking the relay lease"))?;
+        let mut tx = self.begin().await?;
         sqlx::query(
             "INSERT OR IGNORE INTO courier_relay_lease (outbox, holder, generation, expires_at)
              VALUES ('default', NULL, 0, 0)",
@@ -292,9 +307,7 @@ impl SqliteStore {
         .fetch_optional(&mut *tx)
         .await
         .map_err(self.err("reading the relay lease"))?;
-        tx.commit()
-            .await
-            .map_err(self.err("taking the relay lease"))?;
+        tx.commit().await?;
         Ok(generation)
     }
 
@@ -304,7 +317,7 @@ impl SqliteStore {
             "UPDATE courier_relay_lease SET holder = NULL, expires_at = 0 WHERE outbox = 'default' AND holder = ?",
         )
         .bind(holder)
-        .execute(self.pool())
+        .execute(&mut *self.inner.writer.lock().await)
         .await
         .map_err(self.err("releasing the relay lease"))?;
         Ok(())
@@ -333,7 +346,7 @@ impl SqliteStore {
             )
             .bind(cutoff)
             .bind(i64::from(batch))
-            .execute(self.pool())
+            .execute(&mut *self.inner.writer.lock().await)
             .await
             .map_err(self.err("pruning the inbox"))?
             .rows_affected();
@@ -406,7 +419,7 @@ impl SqliteStore {
             "UPDATE courier_dead_letters SET status = 'retry' WHERE id = ? AND status = 'dead'",
         )
         .bind(id)
-        .execute(self.pool())
+        .execute(&mut *self.inner.writer.lock().await)
         .await
         .map_err(self.err("retrying a dead letter"))?;
         self.require_dead_letter(id).await
@@ -416,11 +429,7 @@ impl SqliteStore {
     /// released for retry, in order.
     pub async fn discard_dead_letter(&self, id: i64) -> Result<DeadLetter> {
         let dl = self.require_dead_letter(id).await?;
-        let mut tx = self
-            .pool()
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(self.err("discarding a dead letter"))?;
+        let mut tx = self.begin().await?;
         sqlx::query("DELETE FROM courier_dead_letters WHERE id = ?")
             .bind(id)
             .execute(&mut *tx)
@@ -429,9 +438,7 @@ impl SqliteStore {
         release_parked(&mut tx, &dl)
             .await
             .map_err(self.err("releasing parked messages"))?;
-        tx.commit()
-            .await
-            .map_err(self.err("discarding a dead letter"))?;
+        tx.commit().await?;
         Ok(dl)
     }
 
@@ -524,7 +531,7 @@ pub(crate) async fn insert_outbox(conn: &mut SqliteConnection, messages: &[Messa
 }
 
 impl MessageStore for SqliteStore {
-    type Tx = Transaction<'static, Sqlite>;
+    type Tx = StoreTx;
     type Conn = SqliteConnection;
 
     fn conn(tx: &mut Self::Tx) -> &mut Self::Conn {
@@ -532,15 +539,11 @@ impl MessageStore for SqliteStore {
     }
 
     async fn begin(&self) -> Result<Self::Tx> {
-        self.pool()
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(self.err("beginning a transaction"))
+        SqliteStore::begin(self).await
     }
 
     async fn commit(&self, tx: Self::Tx) -> Result<()> {
-        tx.commit().await.map_err(self.err("committing"))?;
-        Ok(())
+        tx.commit().await
     }
 
     async fn savepoint(&self, tx: &mut Self::Tx) -> Result<()> {

@@ -24,7 +24,7 @@
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! let store = SqliteStore::open("orders.db").await?;
 //! let orders = ChannelName::new("order")?;
-//! let mut tx = store.pool().begin().await?;
+//! let mut tx = store.begin().await?;
 //! // ... the business change on &mut *tx ...
 //! let msg = JsonCodec::encode_to(&OrderPlaced { order_id: "o-1".into() }, &orders)?.with_key("o-1")?;
 //! store.outbox().send(&mut tx, msg).await?;

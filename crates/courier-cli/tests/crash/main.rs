@@ -90,7 +90,7 @@ fn relay(dir: &Path, name: &'static str) -> Proc {
 async fn write(store: &SqliteStore, channel: &ChannelName, from: u64, to: u64) {
     let mut n = from;
     while n < to {
-        let mut tx = store.pool().begin().await.unwrap();
+        let mut tx = store.begin().await.unwrap();
         for _ in 0..25.min(to - n) {
             let ping = Ping {
                 n,

@@ -125,7 +125,11 @@ async fn poison_message_is_dead_lettered_with_its_history_and_parks_its_key() {
     assert_eq!(root.reason, DeadLetterReason::Exhausted);
     assert_eq!(root.status, DeadLetterStatus::Dead);
     assert_eq!(root.attempts, 3);
-    assert_eq!(e.attempts_of("bad", 1).await, 3, "the handler ran more often than max_attempts");
+    assert_eq!(
+        e.attempts_of("bad", 1).await,
+        3,
+        "the handler ran more often than max_attempts"
+    );
     assert!(root.first_failed_at_ms <= root.last_failed_at_ms);
     assert!(root.error.contains("flaky"), "{}", root.error);
     assert_eq!(root.partition_key.as_deref(), Some("bad"));
