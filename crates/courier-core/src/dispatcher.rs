@@ -41,6 +41,11 @@ pub struct DispatcherConfig {
     pub redrive_interval: Duration,
     /// Most messages held back behind retrying keys before the dispatcher stops reading.
     pub max_held: usize,
+    /// How long inbox rows are kept. Keep it longer than any redelivery can come late
+    /// (broker redelivery, relay re-publish, an operator replaying a channel).
+    pub inbox_retention: Duration,
+    /// How often old inbox rows are pruned.
+    pub maintenance_interval: Duration,
 }
 
 impl Default for DispatcherConfig {
@@ -51,6 +56,8 @@ impl Default for DispatcherConfig {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             redrive_interval: Duration::from_millis(500),
             max_held: 10_000,
+            inbox_retention: Duration::from_secs(7 * 24 * 3600),
+            maintenance_interval: Duration::from_secs(60),
         }
     }
 }
@@ -69,6 +76,16 @@ impl DispatcherConfig {
     /// Set the size limit.
     pub fn max_message_bytes(mut self, n: usize) -> Self {
         self.max_message_bytes = n;
+        self
+    }
+    /// Set how long inbox rows are kept.
+    pub fn inbox_retention(mut self, d: Duration) -> Self {
+        self.inbox_retention = d;
+        self
+    }
+    /// Set how often the inbox is pruned.
+    pub fn maintenance_interval(mut self, d: Duration) -> Self {
+        self.maintenance_interval = d.max(Duration::from_millis(10));
         self
     }
     /// Set the redrive poll interval.
@@ -91,6 +108,8 @@ pub struct DispatcherStats {
     pub dead_lettered: AtomicU64,
     /// Dead letters handled after an operator's retry.
     pub redriven: AtomicU64,
+    /// Inbox rows pruned after the retention window.
+    pub inbox_pruned: AtomicU64,
 }
 
 /// Runs handlers for one subscriber (consumer group) over a service database.
@@ -214,6 +233,8 @@ impl<S: MessageStore> Dispatcher<S> {
         };
         let mut redrive = tokio::time::interval(self.config.redrive_interval);
         redrive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut maintenance = tokio::time::interval(self.config.maintenance_interval);
+        maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         loop {
             let next_timer = st.timers.peek().map(|Reverse((t, _, _))| *t);
@@ -236,6 +257,13 @@ impl<S: MessageStore> Dispatcher<S> {
                         }
                     }
                     self.process(batch, &mut st).await;
+                }
+                _ = maintenance.tick() => {
+                    let keep_ms = self.config.inbox_retention.as_millis() as u64;
+                    match self.store.prune_inbox(keep_ms, 500).await {
+                        Ok(n) => { self.stats.inbox_pruned.fetch_add(n, Ordering::Relaxed); }
+                        Err(e) => tracing::warn!(subscriber = %self.subscriber, error = %e, "pruning the inbox failed; will try again"),
+                    }
                 }
                 _ = redrive.tick() => {
                     if let Err(e) = self.redrive(&mut st).await {

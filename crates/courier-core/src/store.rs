@@ -61,6 +61,14 @@ pub trait MessageStore: Clone + Send + Sync + 'static {
         }
     }
 
+    /// Delete inbox rows older than `older_than_ms` (in batches of `batch`, so the hot
+    /// path never waits long); returns how many went.
+    fn prune_inbox(
+        &self,
+        older_than_ms: u64,
+        batch: u32,
+    ) -> impl Future<Output = Result<u64>> + Send;
+
     /// Put messages in the outbox inside the transaction; the relay publishes them after
     /// commit.
     fn outbox_insert(

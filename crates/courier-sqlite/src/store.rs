@@ -619,6 +619,10 @@ impl MessageStore for SqliteStore {
         Ok(new)
     }
 
+    async fn prune_inbox(&self, older_than_ms: u64, batch: u32) -> Result<u64> {
+        SqliteStore::prune_inbox(self, older_than_ms, batch).await
+    }
+
     async fn outbox_insert(&self, tx: &mut Self::Tx, messages: &[Message]) -> Result<()> {
         insert_outbox(tx, messages).await
     }

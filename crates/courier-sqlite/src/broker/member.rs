@@ -139,7 +139,10 @@ async fn coordinator(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut commit = tokio::time::interval(cfg.commit_interval);
     commit.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut prune = tokio::time::interval(cfg.prune_interval);
+    prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     heartbeat.tick().await;
+    prune.tick().await;
     loop {
         tokio::select! {
             _ = stopped(&mut stop) => break,
@@ -147,6 +150,11 @@ async fn coordinator(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 if let Err(e) = rebalance(&shared).await {
                     tracing::warn!(channel = %shared.channel, group = %shared.group, error = %e,
                         "heartbeat failed; retrying (partitions move if this lasts longer than the session timeout)");
+                }
+            }
+            _ = prune.tick() => {
+                if let Err(e) = shared.broker.prune(cfg.retention).await {
+                    tracing::warn!(error = %e, "pruning consumed messages failed; will try again");
                 }
             }
             _ = commit.tick() => {

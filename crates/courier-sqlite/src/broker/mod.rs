@@ -77,6 +77,10 @@ pub struct SqliteBrokerConfig {
     pub fetch_batch: u32,
     /// Largest message accepted by `publish`.
     pub max_message_bytes: usize,
+    /// Messages every group has consumed are deleted once older than this.
+    pub retention: Duration,
+    /// How often a group member prunes consumed messages.
+    pub prune_interval: Duration,
 }
 
 impl Default for SqliteBrokerConfig {
@@ -91,6 +95,8 @@ impl Default for SqliteBrokerConfig {
             max_in_flight: 5_000,
             fetch_batch: 256,
             max_message_bytes: courier_core::message::DEFAULT_MAX_MESSAGE_BYTES,
+            retention: Duration::from_secs(7 * 24 * 3600),
+            prune_interval: Duration::from_secs(300),
         }
     }
 }
@@ -115,6 +121,12 @@ impl SqliteBrokerConfig {
     /// Set the size limit.
     pub fn max_message_bytes(mut self, n: usize) -> Self {
         self.max_message_bytes = n;
+        self
+    }
+    /// Set how long consumed messages are kept, and how often members prune.
+    pub fn retention(mut self, keep: Duration, prune_every: Duration) -> Self {
+        self.retention = keep;
+        self.prune_interval = prune_every.max(Duration::from_millis(10));
         self
     }
 }

@@ -389,3 +389,79 @@ async fn inbox_rows_are_pruned_in_batches() {
     assert_eq!(e.store.prune_inbox(0, 100).await.unwrap(), 250);
     let _ = JsonCodec;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dispatcher_prunes_its_inbox_after_the_retention_window() {
+    let e = env().await;
+    e.publish(&[e.work("a", 1), e.work("b", 1)]).await;
+    let d = e.dispatcher(
+        fast_retry(3)
+            .inbox_retention(Duration::ZERO)
+            .maintenance_interval(Duration::from_millis(20)),
+    );
+    let stats = d.stats();
+    let run = e.start(d).await;
+    wait_until(T, "both applied", || async { e.applied_count().await == 2 }).await;
+    wait_until(T, "inbox pruned", || async {
+        stats
+            .inbox_pruned
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 2
+    })
+    .await;
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM courier_inbox")
+        .fetch_one(e.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_prunes_only_what_every_group_consumed() {
+    use courier_core::{SubscribeOptions, Subscriber};
+    let e = env().await;
+    let works: Vec<_> = (0..20).map(|i| e.work(&format!("k{i}"), i)).collect();
+    e.publish(&works).await;
+    // Group "worker" consumes everything; group "slow" joins but acks nothing.
+    let slow = e
+        .broker
+        .subscribe(SubscribeOptions::new(
+            e.channel.clone(),
+            courier_core::GroupName::new("slow").unwrap(),
+        ))
+        .await
+        .unwrap();
+    let run = e.start(e.dispatcher(fast_retry(3))).await;
+    wait_until(T, "all applied", || async { e.applied_count().await == 20 }).await;
+    run.stop().await;
+    assert_eq!(
+        e.broker.prune(Duration::ZERO).await.unwrap(),
+        0,
+        "the slow group still needs them"
+    );
+    drop(slow);
+    // The slow group consumes everything now.
+    let mut sub = e
+        .broker
+        .subscribe(SubscribeOptions::new(
+            e.channel.clone(),
+            courier_core::GroupName::new("slow").unwrap(),
+        ))
+        .await
+        .unwrap();
+    for _ in 0..20 {
+        let d = tokio::time::timeout(T, sub.next()).await.unwrap().unwrap();
+        d.ack().await.unwrap();
+    }
+    drop(sub); // leaving commits the progress
+    wait_until(T, "consumed messages pruned", || async {
+        e.broker.prune(Duration::ZERO).await.unwrap();
+        e.broker
+            .read_after(&e.channel, 0, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    })
+    .await;
+}
