@@ -506,7 +506,7 @@ async fn consumer(args: BenchArgs) -> Result<()> {
                 return;
             }
             ticks += 1;
-            if ticks % 100 == 0
+            if ticks.is_multiple_of(100)
                 && let Some(pid) = parent
                 && !std::path::Path::new(&format!("/proc/{pid}")).exists()
             {

@@ -100,12 +100,15 @@ pub struct HandlerContext<S: MessageStore> {
     attempt: u32,
 }
 
+/// What the dispatcher keeps to take the transaction and the outgoing messages back.
+pub(crate) type ContextParts<S> = (
+    HandlerContext<S>,
+    Arc<Mutex<<S as MessageStore>::Tx>>,
+    Arc<std::sync::Mutex<Vec<Message>>>,
+);
+
 impl<S: MessageStore> HandlerContext<S> {
-    pub(crate) fn new(
-        tx: S::Tx,
-        envelope: Arc<Message>,
-        attempt: u32,
-    ) -> (Self, Arc<Mutex<S::Tx>>, Arc<std::sync::Mutex<Vec<Message>>>) {
+    pub(crate) fn new(tx: S::Tx, envelope: Arc<Message>, attempt: u32) -> ContextParts<S> {
         let tx = Arc::new(Mutex::new(tx));
         let outgoing = Arc::new(std::sync::Mutex::new(Vec::new()));
         (

@@ -2,6 +2,7 @@
 //! database) and two relay processes (one outbox) run while messages are written; the
 //! active relay and one consumer are killed with SIGKILL mid-stream. Afterwards the
 //! databases must show every message applied exactly once and none missing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use courier::sqlite::SqliteStore;
 use courier::{ChannelName, Contract, JsonCodec, MessageKind};

@@ -1,6 +1,7 @@
 //! The transport conformance suite (`courier-testkit`) against the embedded SQLite broker,
 //! plus SQLite-specific checks. Each test gets its own broker file in a temp dir; a new
 //! subscriber instance opens the same file again (its own pools, like another process).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use courier_core::transport::BoxFuture;
 use courier_core::{

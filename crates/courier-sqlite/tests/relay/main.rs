@@ -1,5 +1,6 @@
 //! The relay: publishes committed outbox rows in order and then deletes them; one active
 //! relay per outbox; a standby takes over when the active one dies.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use courier_core::{ChannelName, Message, Publisher};
 use courier_sqlite::{Relay, RelayConfig, SqliteBroker, SqliteStore};
