@@ -3,7 +3,7 @@
 use crate::connect::{self, Sync};
 use crate::error::map;
 use crate::wake::{FileWaker, waker_for};
-use crate::writer::{StoreTx, Writer};
+use crate::writer::{LockedConnection, StoreTx};
 use bytes::Bytes;
 use courier_core::dead_letter::DeadLetterRecord;
 use courier_core::{
@@ -99,9 +99,9 @@ pub struct SqliteStore {
 
 struct Inner {
     pool: SqlitePool,
-    writer: Writer,
-    /// Reads that must not wait behind writers on `pool` (WAL readers never block).
-    read: SqlitePool,
+    writer: LockedConnection,
+    /// The relay's reads: never wait behind writers (WAL readers never block), no pool cost.
+    read: LockedConnection,
     path: PathBuf,
     waker: Arc<FileWaker>,
 }
@@ -134,8 +134,12 @@ impl SqliteStore {
         let path = path.as_ref().to_path_buf();
         let pool = connect::open_pool(&path, options.sync, options.max_connections).await?;
         connect::apply_schema(&pool, &path, SCHEMA).await?;
-        let read = connect::open_pool(&path, options.sync, 1).await?;
-        let writer = Writer::open(
+        let read = LockedConnection::open(
+            &connect::connect_options(&path, options.sync, connect::LockWait::InSqlite),
+            path.clone(),
+        )
+        .await?;
+        let writer = LockedConnection::open(
             &connect::connect_options(&path, options.sync, connect::LockWait::InSqlite),
             path.clone(),
         )
@@ -199,7 +203,7 @@ impl SqliteStore {
             "SELECT seq, message_id, headers, payload FROM courier_outbox ORDER BY seq LIMIT ?",
         )
         .bind(i64::from(limit))
-        .fetch_all(&self.inner.read)
+        .fetch_all(&mut *self.inner.read.lock().await)
         .await
         .map_err(self.err("reading the outbox"))?;
         let mut out = Vec::with_capacity(rows.len());

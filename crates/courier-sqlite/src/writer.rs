@@ -1,4 +1,5 @@
-//! The service database's writer: one dedicated connection behind an async lock.
+//! Dedicated connections behind an async lock: the service database's writer (and its
+//! reader for the relay).
 //!
 //! SQLite has one writer at a time. Queuing the service's write transactions on one
 //! connection in-process is faster than a pool (no per-transaction acquire and release
@@ -16,12 +17,12 @@ use std::sync::Arc;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 #[derive(Clone)]
-pub(crate) struct Writer {
+pub(crate) struct LockedConnection {
     conn: Arc<Mutex<SqliteConnection>>,
     path: Arc<PathBuf>,
 }
 
-impl Writer {
+impl LockedConnection {
     pub(crate) async fn open(options: &SqliteConnectOptions, path: PathBuf) -> Result<Self> {
         let conn = SqliteConnection::connect_with(options).await.map_err(|e| {
             map(

@@ -141,6 +141,8 @@ pub struct SqliteBroker {
 pub(crate) struct BrokerInner {
     pub(crate) write: SqlitePool,
     pub(crate) read: SqlitePool,
+    /// Settings for dedicated read connections (one per group member's fetcher).
+    pub(crate) read_options: sqlx::sqlite::SqliteConnectOptions,
     pub(crate) path: PathBuf,
     pub(crate) waker: Arc<FileWaker>,
     pub(crate) config: SqliteBrokerConfig,
@@ -188,6 +190,11 @@ impl SqliteBroker {
             inner: Arc::new(BrokerInner {
                 write,
                 read,
+                read_options: connect::connect_options(
+                    &path,
+                    config.sync,
+                    connect::LockWait::InSqlite,
+                ),
                 path,
                 waker,
                 config,
