@@ -160,7 +160,49 @@ pub(crate) fn connect_options(path: &Path, sync: Sync, wait: LockWait) -> Sqlite
         })
         .foreign_keys(false)
         .pragma("temp_store", "memory")
+        // Checkpoints (which fsync the database file) run in the background
+        // ([`spawn_checkpointer`]), never inside a commit on the hot path.
+        .pragma("wal_autocheckpoint", "0")
+        .pragma("journal_size_limit", "67108864")
         .pragma("cache_size", "-16000")
+}
+
+/// Checkpoint `path`'s WAL every `every` (PASSIVE: never blocks writers or readers) on a
+/// connection of its own, while `alive` has a strong reference. Auto-checkpoints are off
+/// on Courier's connections, so this keeps the WAL bounded without putting a checkpoint's
+/// fsync inside some commit.
+pub(crate) fn spawn_checkpointer(
+    path: &Path,
+    sync: Sync,
+    every: Duration,
+    alive: std::sync::Weak<()>,
+) {
+    let options = connect_options(path, sync, LockWait::InSqlite);
+    let path = path.to_path_buf();
+    tokio::spawn(async move {
+        use sqlx::Connection;
+        let mut conn: Option<sqlx::SqliteConnection> = None;
+        loop {
+            tokio::time::sleep(every).await;
+            if alive.strong_count() == 0 {
+                if let Some(c) = conn.take() {
+                    let _ = c.close().await;
+                }
+                return;
+            }
+            if conn.is_none() {
+                conn = sqlx::SqliteConnection::connect_with(&options).await.ok();
+            }
+            if let Some(c) = conn.as_mut()
+                && let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                    .execute(&mut *c)
+                    .await
+            {
+                tracing::debug!(file = %path.display(), error = %e, "checkpoint failed; will try again");
+                conn = None;
+            }
+        }
+    });
 }
 
 /// Run schema statements (idempotent `CREATE ... IF NOT EXISTS`).

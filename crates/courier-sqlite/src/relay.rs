@@ -33,7 +33,7 @@ impl Default for RelayConfig {
             batch_size: 1000,
             batch_bytes: 4 * 1024 * 1024,
             lease_ttl: Duration::from_secs(3),
-            poll_interval: Duration::from_millis(250),
+            poll_interval: Duration::from_millis(100),
             instance: format!(
                 "relay-{}-{}",
                 std::process::id(),
@@ -123,7 +123,7 @@ impl<P: Publisher> Relay<P> {
         let mut generation: Option<i64> = None;
         let mut last_renew = tokio::time::Instant::now() - renew_every;
         let mut failures = 0u32;
-        let mut recheck = false;
+        let mut recheck = crate::wake::Recheck::default();
         tokio::pin!(shutdown);
         loop {
             // Lease: take or renew.
@@ -167,22 +167,17 @@ impl<P: Publisher> Relay<P> {
                 }
             }
             if more {
-                recheck = false;
+                recheck.found();
                 continue;
             }
-            // A wake-up can come a hair before the commit is visible: look once more
-            // shortly after an empty wake-up, then wait for the next one.
-            let wait = if recheck {
-                Duration::from_millis(1)
-            } else if generation.is_some() {
-                self.config.poll_interval.min(renew_every)
+            let wait = if generation.is_some() {
+                recheck.next_wait(self.config.poll_interval.min(renew_every))
             } else {
                 renew_every
             };
-            recheck = false;
             tokio::select! {
                 _ = &mut shutdown => break,
-                _ = wake.changed() => recheck = generation.is_some(),
+                _ = wake.changed() => recheck.woken(),
                 _ = tokio::time::sleep(wait) => {}
             }
         }

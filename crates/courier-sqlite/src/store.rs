@@ -98,6 +98,8 @@ pub struct SqliteStore {
 }
 
 struct Inner {
+    /// Keeps the background checkpointer running while the store lives.
+    _alive: Arc<()>,
     pool: SqlitePool,
     writer: LockedConnection,
     /// The relay's reads: never wait behind writers (WAL readers never block), no pool cost.
@@ -145,8 +147,16 @@ impl SqliteStore {
         )
         .await?;
         let waker = waker_for(&path);
+        let alive = Arc::new(());
+        connect::spawn_checkpointer(
+            &path,
+            options.sync,
+            std::time::Duration::from_millis(500),
+            Arc::downgrade(&alive),
+        );
         Ok(Self {
             inner: Arc::new(Inner {
+                _alive: alive,
                 pool,
                 writer,
                 read,

@@ -625,7 +625,7 @@ async fn fetcher(
     let poll = shared.broker.inner.config.poll_interval;
     let mut wake = shared.broker.inner.waker.subscribe();
     let mut failures = 0u32;
-    let mut recheck = false;
+    let mut recheck = crate::wake::Recheck::default();
     let mut conn: Option<SqliteConnection> = None;
     loop {
         wake.borrow_and_update();
@@ -648,7 +648,7 @@ async fn fetcher(
             Ok(None) => return,
             Ok(Some(n)) if n > 0 => {
                 failures = 0;
-                recheck = false;
+                recheck.found();
                 continue;
             }
             Ok(Some(_)) => failures = 0,
@@ -665,20 +665,13 @@ async fn fetcher(
                 continue;
             }
         }
-        // A wake-up can arrive a hair before the commit is visible to readers: look once
-        // more shortly after an empty wake-up, then wait.
-        let wait = if recheck {
-            Duration::from_millis(2)
-        } else {
-            poll
-        };
-        recheck = false;
+        let wait = recheck.next_wait(poll);
         tokio::select! {
             _ = stopped(&mut stop) => return,
             _ = out.closed() => return,
             r = wake.changed() => {
                 if r.is_err() { return; }
-                recheck = true;
+                recheck.woken();
             }
             _ = shared.fetch_now.notified() => {}
             _ = tokio::time::sleep(wait) => {}

@@ -91,7 +91,7 @@ impl Default for SqliteBrokerConfig {
             heartbeat_interval: Duration::from_millis(300),
             session_timeout: Duration::from_secs(3),
             commit_interval: Duration::from_millis(50),
-            poll_interval: Duration::from_millis(250),
+            poll_interval: Duration::from_millis(100),
             max_in_flight: 5_000,
             fetch_batch: 256,
             max_message_bytes: courier_core::message::DEFAULT_MAX_MESSAGE_BYTES,
@@ -139,6 +139,8 @@ pub struct SqliteBroker {
 }
 
 pub(crate) struct BrokerInner {
+    /// Keeps the background checkpointer running while the broker lives.
+    _alive: Arc<()>,
     pub(crate) write: SqlitePool,
     pub(crate) read: SqlitePool,
     /// Settings for dedicated read connections (one per group member's fetcher).
@@ -186,8 +188,16 @@ impl SqliteBroker {
         connect::apply_schema(&write, &path, SCHEMA).await?;
         let read = connect::open_pool(&path, config.sync, 2).await?;
         let waker = waker_for(&path);
+        let alive = Arc::new(());
+        connect::spawn_checkpointer(
+            &path,
+            config.sync,
+            Duration::from_millis(500),
+            Arc::downgrade(&alive),
+        );
         Ok(Self {
             inner: Arc::new(BrokerInner {
+                _alive: alive,
                 write,
                 read,
                 read_options: connect::connect_options(

@@ -13,7 +13,10 @@ async fn a_file_that_is_not_a_database_is_refused_with_its_name() {
     let e = SqliteStore::open(&path).await.unwrap_err();
     let text = e.to_string();
     assert!(text.contains("garbage.db"), "{text}");
-    assert!(!e.is_retryable(), "a corrupt file does not heal by retrying: {e:?}");
+    assert!(
+        !e.is_retryable(),
+        "a corrupt file does not heal by retrying: {e:?}"
+    );
     let e = SqliteBroker::open(&path).await.unwrap_err();
     assert!(e.to_string().contains("garbage.db"), "{e}");
 }
@@ -24,7 +27,10 @@ async fn a_missing_directory_says_what_to_create() {
     let path = dir.path().join("nope").join("svc.db");
     let e = SqliteStore::open(&path).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Config);
-    assert!(e.to_string().contains("does not exist; create it first"), "{e}");
+    assert!(
+        e.to_string().contains("does not exist; create it first"),
+        "{e}"
+    );
 }
 
 #[tokio::test]
