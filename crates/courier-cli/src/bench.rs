@@ -133,6 +133,8 @@ struct Report {
     duplicates_applied: u64,
     throughput_vs_raw: f64,
     raw_commit_rate_pool_per_s: f64,
+    raw_tx_commit_rate_per_s: f64,
+    throughput_vs_raw_tx: f64,
     producers: u32,
     partitions: u32,
     rate: Option<f64>,
@@ -173,6 +175,7 @@ pub(crate) async fn run(args: BenchArgs, json: bool) -> Result<()> {
                 "broker.db",
                 "raw.db",
                 "raw-pool.db",
+                "raw-tx.db",
             ] {
                 for suffix in ["", "-wal", "-shm"] {
                     let _ = std::fs::remove_file(d.join(format!("{f}{suffix}")));
@@ -210,6 +213,16 @@ pub(crate) async fn run(args: BenchArgs, json: bool) -> Result<()> {
     )
     .await
     .context("measuring the raw SQLite commit rate through a pool")?;
+    let raw_tx = courier::sqlite::raw_commit_rate(
+        &dir.join("raw-tx.db"),
+        sync,
+        courier::sqlite::RawPath::Transaction,
+        args.payload_bytes,
+        Duration::from_secs(1),
+        1_000_000,
+    )
+    .await
+    .context("measuring the raw SQLite commit rate with explicit transactions")?;
 
     // 2. Producer side: service database + relay, broker with the channel.
     let store = SqliteStore::open_with(
@@ -387,6 +400,8 @@ pub(crate) async fn run(args: BenchArgs, json: bool) -> Result<()> {
         duplicates_applied: (rows - distinct) as u64,
         throughput_vs_raw: throughput / raw,
         raw_commit_rate_pool_per_s: raw_pool,
+        raw_tx_commit_rate_per_s: raw_tx,
+        throughput_vs_raw_tx: throughput / raw_tx,
         producers: args.producers,
         partitions: args.partitions,
         rate: args.rate,
@@ -448,6 +463,10 @@ fn print_human(r: &Report) {
     println!(
         "                    {:>10.0} /s     (the same through a sqlx pool)",
         r.raw_commit_rate_pool_per_s
+    );
+    println!(
+        "                    {:>10.0} /s     (BEGIN; INSERT; COMMIT per row, held connection; ratio {:.2})",
+        r.raw_tx_commit_rate_per_s, r.throughput_vs_raw_tx
     );
     println!("  ratio             {:>10.2}", r.throughput_vs_raw);
     println!(

@@ -26,7 +26,7 @@ pub use broker::{
     ChannelInfo, GroupInfo, GroupPartition, PartitionInfo, SqliteBroker, SqliteBrokerConfig,
 };
 pub use connect::{Sync, parse_sqlite_url};
-pub use outbox::Outbox;
+pub use outbox::{Outbox, OutboxTarget};
 pub use reference::{RawPath, raw_commit_rate};
 pub use relay::{Relay, RelayConfig, RelayStats};
 pub use store::{OutboxRow, SqliteStore, SqliteStoreOptions};

@@ -1,7 +1,45 @@
 //! The transactional outbox: messages written in the caller's transaction.
 
+use crate::StoreTx;
+use courier_core::transport::BoxFuture;
 use courier_core::{Message, MessageId, Result};
+use sqlx::Sqlite;
 use sqlx::sqlite::SqliteConnection;
+
+/// Where outbox messages can be written: an open transaction on the service database.
+///
+/// A [`StoreTx`] (from [`SqliteStore::begin`](crate::SqliteStore::begin)) queues them and
+/// writes them in the same round trip as its `COMMIT`; a sqlx `Transaction` or a
+/// connection inside a transaction inserts them at once.
+pub trait OutboxTarget: Send {
+    /// Write (or queue) `messages`, already validated.
+    fn write_outbox<'a>(&'a mut self, messages: &'a [Message]) -> BoxFuture<'a, Result<()>>;
+}
+
+impl OutboxTarget for StoreTx {
+    fn write_outbox<'a>(&'a mut self, messages: &'a [Message]) -> BoxFuture<'a, Result<()>> {
+        self.buffer_outbox(messages);
+        Box::pin(async { Ok(()) })
+    }
+}
+
+impl OutboxTarget for SqliteConnection {
+    fn write_outbox<'a>(&'a mut self, messages: &'a [Message]) -> BoxFuture<'a, Result<()>> {
+        Box::pin(crate::store::insert_outbox(self, messages))
+    }
+}
+
+impl OutboxTarget for sqlx::Transaction<'_, Sqlite> {
+    fn write_outbox<'a>(&'a mut self, messages: &'a [Message]) -> BoxFuture<'a, Result<()>> {
+        Box::pin(crate::store::insert_outbox(self, messages))
+    }
+}
+
+impl OutboxTarget for sqlx::pool::PoolConnection<Sqlite> {
+    fn write_outbox<'a>(&'a mut self, messages: &'a [Message]) -> BoxFuture<'a, Result<()>> {
+        Box::pin(crate::store::insert_outbox(self, messages))
+    }
+}
 
 /// Writes messages into `courier_outbox` inside the caller's transaction; the
 /// [`Relay`](crate::Relay) publishes them after the commit, in order.
@@ -40,20 +78,29 @@ impl Outbox {
         Ok(())
     }
 
-    /// Add `message` to the outbox in the transaction `conn` (pass `&mut tx`). The message
-    /// must name its channel ([`Message::to`]). Returns its id.
-    pub async fn send(&self, conn: &mut SqliteConnection, message: Message) -> Result<MessageId> {
+    /// Add `message` to the outbox in the transaction `tx` (pass `&mut tx`): it is
+    /// published only if the transaction commits. The message must name its channel
+    /// ([`Message::to`]) and fit the size limit; both are checked here. Returns its id.
+    pub async fn send<T: OutboxTarget + ?Sized>(
+        &self,
+        tx: &mut T,
+        message: Message,
+    ) -> Result<MessageId> {
         self.check(&message)?;
         let id = message.id;
-        crate::store::insert_outbox(conn, std::slice::from_ref(&message)).await?;
+        tx.write_outbox(std::slice::from_ref(&message)).await?;
         Ok(id)
     }
 
-    /// Add several messages in one statement batch.
-    pub async fn send_all(&self, conn: &mut SqliteConnection, messages: &[Message]) -> Result<()> {
+    /// Add several messages, in order.
+    pub async fn send_all<T: OutboxTarget + ?Sized>(
+        &self,
+        tx: &mut T,
+        messages: &[Message],
+    ) -> Result<()> {
         for m in messages {
             self.check(m)?;
         }
-        crate::store::insert_outbox(conn, messages).await
+        tx.write_outbox(messages).await
     }
 }

@@ -15,6 +15,9 @@ pub enum RawPath {
     /// `execute(&pool)` per row: what a plain sqlx pool user pays per commit (acquire,
     /// statement, release with its ping).
     Pool,
+    /// `BEGIN; INSERT; COMMIT` per row on one held connection: an explicit transaction per
+    /// row, as Python's `sqlite3` module commits (the design's reference measurement).
+    Transaction,
 }
 
 /// Commit one `payload_bytes`-byte row per transaction (autocommit `INSERT`) into a fresh
@@ -53,6 +56,27 @@ pub async fn raw_commit_rate(
             while n < max_rows && start.elapsed() < duration {
                 sqlx::query(insert)
                     .bind(&payload)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(err)?;
+                n += 1;
+            }
+            start.elapsed().as_secs_f64()
+        }
+        RawPath::Transaction => {
+            let mut conn = pool.acquire().await.map_err(err)?;
+            let start = Instant::now();
+            while n < max_rows && start.elapsed() < duration {
+                sqlx::query("BEGIN")
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(err)?;
+                sqlx::query(insert)
+                    .bind(&payload)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(err)?;
+                sqlx::query("COMMIT")
                     .execute(&mut *conn)
                     .await
                     .map_err(err)?;

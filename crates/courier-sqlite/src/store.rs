@@ -515,10 +515,22 @@ async fn release_parked(
 
 /// Insert messages into the outbox on `conn` (inside the caller's transaction).
 pub(crate) async fn insert_outbox(conn: &mut SqliteConnection, messages: &[Message]) -> Result<()> {
+    insert_outbox_then(conn, messages, None).await
+}
+
+/// Insert `messages` into the outbox; with `then`, append that statement (e.g. `COMMIT`)
+/// to the last insert so both go to SQLite in one round trip. sqlx runs the statements in
+/// order and stops at the first error, so `then` never runs after a failed insert.
+pub(crate) async fn insert_outbox_then(
+    conn: &mut SqliteConnection,
+    messages: &[Message],
+    then: Option<&'static str>,
+) -> Result<()> {
     let now = now_ms() as i64;
-    for chunk in messages.chunks(100) {
+    let chunks: Vec<&[Message]> = messages.chunks(100).collect();
+    for (i, chunk) in chunks.iter().enumerate() {
         let mut rows = Vec::with_capacity(chunk.len());
-        for m in chunk {
+        for m in chunk.iter() {
             rows.push((
                 m.id.to_string(),
                 m.channel()?.to_string(),
@@ -536,6 +548,11 @@ pub(crate) async fn insert_outbox(conn: &mut SqliteConnection, messages: &[Messa
                 .push_bind(p.to_vec())
                 .push_bind(now);
         });
+        if i + 1 == chunks.len()
+            && let Some(stmt) = then
+        {
+            q.push("; ").push(stmt);
+        }
         q.build()
             .execute(&mut *conn)
             .await

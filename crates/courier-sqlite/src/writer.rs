@@ -67,6 +67,7 @@ impl LockedConnection {
         Ok(StoreTx {
             guard: Some(guard),
             path: self.path.clone(),
+            outbox: Vec::new(),
         })
     }
 }
@@ -78,6 +79,8 @@ impl LockedConnection {
 pub struct StoreTx {
     guard: Option<OwnedMutexGuard<SqliteConnection>>,
     path: Arc<PathBuf>,
+    /// Messages sent through the outbox on this transaction: written with the commit.
+    outbox: Vec<courier_core::Message>,
 }
 
 impl fmt::Debug for StoreTx {
@@ -99,13 +102,28 @@ impl StoreTx {
         })
     }
 
-    /// Commit and release the writer.
+    /// Queue outbox messages: they are inserted by [`commit`](Self::commit), in the same
+    /// round trip as the `COMMIT`.
+    pub(crate) fn buffer_outbox(&mut self, messages: &[courier_core::Message]) {
+        self.outbox.extend_from_slice(messages);
+    }
+
+    /// Write the queued outbox messages and commit, in one round trip; release the writer.
+    /// On error nothing of the transaction is committed (dropping it rolls back).
     pub async fn commit(mut self) -> Result<()> {
         let path = self.path.clone();
+        let outbox = std::mem::take(&mut self.outbox);
         let conn = self.conn()?;
-        let r = sqlx::query("COMMIT").execute(&mut *conn).await;
+        let r = if outbox.is_empty() {
+            sqlx::query("COMMIT").execute(&mut *conn).await.map(|_| ())
+        } else {
+            match crate::store::insert_outbox_then(conn, &outbox, Some("COMMIT")).await {
+                Ok(()) => Ok(()),
+                Err(e) => return Err(e.context(format!("committing in {}", path.display()))),
+            }
+        };
         match r {
-            Ok(_) => {
+            Ok(()) => {
                 self.guard = None;
                 Ok(())
             }
