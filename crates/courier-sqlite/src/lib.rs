@@ -23,7 +23,8 @@ mod wake;
 mod writer;
 
 pub use broker::{
-    ChannelInfo, GroupInfo, GroupPartition, PartitionInfo, SqliteBroker, SqliteBrokerConfig,
+    Changes, ChannelInfo, GroupInfo, GroupPartition, PartitionInfo, SqliteBroker,
+    SqliteBrokerConfig,
 };
 pub use connect::{Sync, parse_sqlite_url};
 pub use outbox::{Outbox, OutboxTarget};

@@ -84,6 +84,8 @@ pub(crate) async fn run(args: Args, json: bool) -> Result<()> {
     if args.count == Some(0) {
         return Ok(());
     }
+    // Taken before each read, so a commit between the read and the wait is not missed.
+    let mut changes = broker.changes();
     loop {
         let batch = broker
             .read_after(&channel, after, FETCH)
@@ -100,7 +102,7 @@ pub(crate) async fn run(args: Args, json: bool) -> Result<()> {
                 }
                 None => POLL,
             };
-            broker.wait_for_change(wait).await;
+            let _ = tokio::time::timeout(wait, changes.changed()).await;
             continue;
         }
         for (position, message) in batch {

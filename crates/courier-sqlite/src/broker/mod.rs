@@ -406,10 +406,18 @@ impl SqliteBroker {
     }
 
     /// Wait until something may have changed in the broker file (a local or another
-    /// process's commit), or `timeout` passed.
+    /// process's commit), or `timeout` passed. A commit that happened before this call is
+    /// not seen: to follow a channel, keep a [`Changes`] from [`changes`](Self::changes).
     pub async fn wait_for_change(&self, timeout: Duration) {
-        let mut rx = self.inner.waker.subscribe();
-        let _ = tokio::time::timeout(timeout, rx.changed()).await;
+        let _ = tokio::time::timeout(timeout, self.changes().changed()).await;
+    }
+
+    /// A handle that remembers changes since it was made: take it BEFORE reading, then
+    /// `changed().await` returns at once if a commit landed in between.
+    pub fn changes(&self) -> Changes {
+        Changes {
+            rx: self.inner.waker.subscribe(),
+        }
     }
 
     /// Delete messages every group has consumed that are older than `retention`, in
@@ -442,6 +450,22 @@ impl SqliteBroker {
             if n < 1000 {
                 return Ok(total);
             }
+        }
+    }
+}
+
+/// Wake-ups for commits to a broker file, from [`SqliteBroker::changes`].
+#[derive(Debug)]
+pub struct Changes {
+    rx: tokio::sync::watch::Receiver<u64>,
+}
+
+impl Changes {
+    /// Resolve when the file changed since the last call (or since this handle was made).
+    pub async fn changed(&mut self) {
+        if self.rx.changed().await.is_err() {
+            // The broker is gone: nothing will change any more.
+            std::future::pending::<()>().await;
         }
     }
 }
