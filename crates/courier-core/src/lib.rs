@@ -17,10 +17,13 @@ pub mod handler;
 pub mod headers;
 pub mod message;
 pub mod names;
+pub mod outbox;
 pub mod partition;
+pub mod relay;
 pub mod retry;
 pub mod store;
 pub mod transport;
+pub mod wakeup;
 
 pub use codec::{Contract, JsonCodec};
 pub use dead_letter::{DeadLetter, DeadLetterReason, DeadLetterStatus, NewDeadLetter};
@@ -30,6 +33,8 @@ pub use handler::{HandlerContext, HandlerError};
 pub use headers::{HeaderName, Headers, MessageKind, Version};
 pub use message::{Message, MessageId, now_ms};
 pub use names::{ChannelName, GroupName, MessageType};
+pub use outbox::{OutboxRow, OutboxSource};
+pub use relay::{Relay, RelayConfig, RelayStats};
 pub use retry::RetryPolicy;
 pub use store::MessageStore;
 pub use transport::{

@@ -3,8 +3,8 @@
 //! Courier on SQLite, the zero-set-up default:
 //! - [`SqliteStore`]: a service database hosting the transactional [`Outbox`], the inbox
 //!   (idempotent consumer) and dead letters, implementing [`courier_core::MessageStore`];
-//! - [`Relay`]: the polling publisher from an outbox to any [`courier_core::Publisher`],
-//!   one active instance per outbox (lease with fencing), woken by commits;
+//! - the outbox side of the [`Relay`] ([`courier_core::OutboxSource`]): committed rows,
+//!   a lease with fencing, wake-ups on commits from any process;
 //! - [`SqliteBroker`]: an embedded, durable, partitioned broker in one SQLite file shared
 //!   by the processes of a machine, with consumer groups, leases and rebalancing.
 //!
@@ -17,7 +17,6 @@ mod connect;
 mod error;
 mod outbox;
 mod reference;
-mod relay;
 mod store;
 mod wake;
 mod writer;
@@ -27,10 +26,10 @@ pub use broker::{
     SqliteBrokerConfig,
 };
 pub use connect::{Sync, parse_sqlite_url};
+pub use courier_core::{OutboxRow, Relay, RelayConfig, RelayStats};
 pub use outbox::{Outbox, OutboxTarget};
 pub use reference::{RawPath, raw_commit_rate};
-pub use relay::{Relay, RelayConfig, RelayStats};
-pub use store::{OutboxRow, SqliteStore, SqliteStoreOptions};
+pub use store::{SqliteStore, SqliteStoreOptions};
 pub use writer::StoreTx;
 
 use bytes::Bytes;

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use courier_core::dead_letter::DeadLetterRecord;
 use courier_core::{
     DeadLetter, DeadLetterReason, DeadLetterStatus, Error, Message, MessageStore, NewDeadLetter,
-    Result, now_ms,
+    OutboxRow, OutboxSource, Result, now_ms,
 };
 use sqlx::sqlite::{SqliteConnection, SqlitePool, SqliteRow};
 use sqlx::{Row, Sqlite};
@@ -116,15 +116,6 @@ impl fmt::Debug for SqliteStore {
     }
 }
 
-/// One row of the outbox, as the relay reads it.
-#[derive(Debug, Clone)]
-pub struct OutboxRow {
-    /// Position in the outbox (commit order).
-    pub seq: i64,
-    /// The message, or the reason it cannot be read.
-    pub message: std::result::Result<Message, String>,
-}
-
 impl SqliteStore {
     /// Open (or create) the service database at `path` with default options.
     pub async fn open(path: impl AsRef<Path>) -> Result<Self> {
@@ -196,9 +187,6 @@ impl SqliteStore {
         crate::Outbox::new()
     }
 
-    pub(crate) fn waker(&self) -> &Arc<FileWaker> {
-        &self.inner.waker
-    }
 
     fn err(&self, what: &str) -> impl FnOnce(sqlx::Error) -> Error + '_ {
         let what = format!("{what} in {}", self.inner.path.display());
@@ -559,6 +547,32 @@ pub(crate) async fn insert_outbox_then(
             .map_err(|e| map("writing to the outbox", e))?;
     }
     Ok(())
+}
+
+impl OutboxSource for SqliteStore {
+    async fn outbox_peek(&self, limit: u32, max_bytes: usize) -> Result<Vec<OutboxRow>> {
+        SqliteStore::outbox_peek(self, limit, max_bytes).await
+    }
+
+    async fn outbox_delete(&self, seqs: &[i64], holder: &str, generation: i64) -> Result<bool> {
+        SqliteStore::outbox_delete(self, seqs, holder, generation).await
+    }
+
+    async fn relay_lease(&self, holder: &str, ttl_ms: u64) -> Result<Option<i64>> {
+        SqliteStore::relay_lease(self, holder, ttl_ms).await
+    }
+
+    async fn relay_release(&self, holder: &str) -> Result<()> {
+        SqliteStore::relay_release(self, holder).await
+    }
+
+    fn outbox_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.waker.subscribe()
+    }
+
+    fn describe(&self) -> String {
+        self.inner.path.display().to_string()
+    }
 }
 
 impl MessageStore for SqliteStore {

@@ -625,7 +625,7 @@ async fn fetcher(
     let poll = shared.broker.inner.config.poll_interval;
     let mut wake = shared.broker.inner.waker.subscribe();
     let mut failures = 0u32;
-    let mut recheck = crate::wake::Recheck::default();
+    let mut recheck = courier_core::wakeup::Recheck::default();
     let mut conn: Option<SqliteConnection> = None;
     loop {
         wake.borrow_and_update();

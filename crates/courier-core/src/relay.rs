@@ -1,10 +1,12 @@
-//! The relay (polling publisher): moves committed outbox rows to the transport, in order,
+//! The relay (polling publisher): moves committed outbox rows to a transport, in order,
 //! at least once. Publish, wait for the broker's confirmation, then delete. One relay is
 //! active per outbox (a lease in the service database, with a generation checked on every
 //! delete); others stand by and take over when its lease expires.
 
-use crate::store::SqliteStore;
-use courier_core::{Error, ErrorKind, Message, Publisher, Result};
+use crate::error::{Error, ErrorKind, Result};
+use crate::message::Message;
+use crate::outbox::OutboxSource;
+use crate::transport::Publisher;
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
@@ -74,26 +76,26 @@ pub struct RelayStats {
     pub leases_taken: AtomicU64,
 }
 
-/// Publishes a [`SqliteStore`]'s outbox through a [`Publisher`].
-pub struct Relay<P> {
-    store: SqliteStore,
+/// Publishes an [`OutboxSource`]'s committed rows through a [`Publisher`].
+pub struct Relay<S, P> {
+    store: S,
     publisher: P,
     config: RelayConfig,
     stats: Arc<RelayStats>,
 }
 
-impl<P> fmt::Debug for Relay<P> {
+impl<S: OutboxSource, P> fmt::Debug for Relay<S, P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Relay")
-            .field("store", &self.store)
+            .field("outbox", &self.store.describe())
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
 }
 
-impl<P: Publisher> Relay<P> {
+impl<S: OutboxSource, P: Publisher> Relay<S, P> {
     /// A relay from `store`'s outbox to `publisher`.
-    pub fn new(store: SqliteStore, publisher: P) -> Self {
+    pub fn new(store: S, publisher: P) -> Self {
         Self {
             store,
             publisher,
@@ -117,13 +119,13 @@ impl<P: Publisher> Relay<P> {
     /// backoff; nothing is deleted before the broker confirmed it.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
         let me = self.config.instance.clone();
-        let mut wake = self.store.waker().subscribe();
+        let mut wake = self.store.outbox_changes();
         let ttl_ms = self.config.lease_ttl.as_millis() as u64;
         let renew_every = self.config.lease_ttl / 3;
         let mut generation: Option<i64> = None;
         let mut last_renew = tokio::time::Instant::now() - renew_every;
         let mut failures = 0u32;
-        let mut recheck = crate::wake::Recheck::default();
+        let mut recheck = crate::wakeup::Recheck::default();
         tokio::pin!(shutdown);
         loop {
             // Lease: take or renew.
@@ -213,7 +215,7 @@ impl<P: Publisher> Relay<P> {
                             format!(
                                 "outbox row {} in {} cannot be published: {reason}; fix or delete the row",
                                 row.seq,
-                                self.store.path().display()
+                                self.store.describe()
                             ),
                         ));
                     }

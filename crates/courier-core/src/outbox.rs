@@ -1,0 +1,54 @@
+//! The outbox as a relay sees it: committed rows, a lease, wake-ups. Service-database
+//! backends implement [`OutboxSource`]; the [`Relay`](crate::relay::Relay) is built on it.
+
+use crate::error::Result;
+use crate::message::Message;
+use std::future::Future;
+
+/// One row of an outbox, as the relay reads it.
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    /// Position in the outbox (the relay publishes in this order).
+    pub seq: i64,
+    /// The message, or why the row cannot be read as one.
+    pub message: std::result::Result<Message, String>,
+}
+
+/// A service database's outbox, as a relay needs it.
+pub trait OutboxSource: Clone + Send + Sync + 'static {
+    /// Up to `limit` committed rows (and about `max_bytes`, at least one row), oldest
+    /// first. Rows stay until [`outbox_delete`](Self::outbox_delete): never a high-water
+    /// mark, so a row whose transaction commits late is still found.
+    fn outbox_peek(
+        &self,
+        limit: u32,
+        max_bytes: usize,
+    ) -> impl Future<Output = Result<Vec<OutboxRow>>> + Send;
+
+    /// Delete published rows if `holder` still holds the relay lease of `generation`
+    /// (fencing); `false` when the lease was lost.
+    fn outbox_delete(
+        &self,
+        seqs: &[i64],
+        holder: &str,
+        generation: i64,
+    ) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Take or renew the relay lease for `ttl_ms`, by the database's clock. The
+    /// generation when `holder` holds it (a new one on take-over), `None` otherwise.
+    fn relay_lease(
+        &self,
+        holder: &str,
+        ttl_ms: u64,
+    ) -> impl Future<Output = Result<Option<i64>>> + Send;
+
+    /// Give the lease up (clean shutdown: a standby takes over at once).
+    fn relay_release(&self, holder: &str) -> impl Future<Output = Result<()>> + Send;
+
+    /// Changes whenever new rows may have been committed (a cross-process signal where
+    /// the backend has one); the relay also polls.
+    fn outbox_changes(&self) -> tokio::sync::watch::Receiver<u64>;
+
+    /// What this outbox is, for logs and errors (a file path, a URL without password).
+    fn describe(&self) -> String;
+}
