@@ -193,36 +193,21 @@ pub(crate) async fn run(args: BenchArgs, json: bool) -> Result<()> {
     // 1. The raw reference, on a quiet machine, same driver and settings: single-row
     //    autocommit INSERTs on one held connection (how Courier's writer commits), and,
     //    for comparison, through a pool.
-    let raw = courier::sqlite::raw_commit_rate(
-        &dir.join("raw.db"),
-        sync,
-        courier::sqlite::RawPath::Connection,
-        args.payload_bytes,
-        Duration::from_secs(1),
-        1_000_000,
-    )
-    .await
-    .context("measuring the raw SQLite commit rate")?;
-    let raw_pool = courier::sqlite::raw_commit_rate(
-        &dir.join("raw-pool.db"),
-        sync,
-        courier::sqlite::RawPath::Pool,
-        args.payload_bytes,
-        Duration::from_secs(1),
-        1_000_000,
-    )
-    .await
-    .context("measuring the raw SQLite commit rate through a pool")?;
-    let raw_tx = courier::sqlite::raw_commit_rate(
-        &dir.join("raw-tx.db"),
-        sync,
-        courier::sqlite::RawPath::Transaction,
-        args.payload_bytes,
-        Duration::from_secs(1),
-        1_000_000,
-    )
-    .await
-    .context("measuring the raw SQLite commit rate with explicit transactions")?;
+    let measure = async |file: &str, via: courier::sqlite::RawPath| {
+        courier::sqlite::raw_commit_rate(
+            &dir.join(file),
+            sync,
+            via,
+            args.payload_bytes,
+            Duration::from_secs(1),
+            1_000_000,
+        )
+        .await
+        .with_context(|| format!("measuring the raw SQLite commit rate ({via:?})"))
+    };
+    let raw = measure("raw.db", courier::sqlite::RawPath::Connection).await?;
+    let raw_pool = measure("raw-pool.db", courier::sqlite::RawPath::Pool).await?;
+    let raw_tx = measure("raw-tx.db", courier::sqlite::RawPath::Transaction).await?;
 
     // 2. Producer side: service database + relay, broker with the channel.
     let store = SqliteStore::open_with(

@@ -40,70 +40,34 @@ pub async fn raw_commit_rate(
     .await
     .map_err(err)?;
     let payload = vec![7u8; payload_bytes];
-    let insert = "INSERT INTO raw_rows (payload) VALUES (?)";
-    let mut n = 0u64;
-    let secs = match via {
-        RawPath::Connection => {
-            let mut conn = pool.acquire().await.map_err(err)?;
-            for _ in 0..200 {
-                sqlx::query(insert)
-                    .bind(&payload)
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(err)?;
+    // Pool mode must not hold the pool's only connection.
+    let mut conn = match via {
+        RawPath::Pool => None,
+        RawPath::Connection | RawPath::Transaction => Some(pool.acquire().await.map_err(err)?),
+    };
+    let mut one = async || -> std::result::Result<(), sqlx::Error> {
+        let insert = sqlx::query("INSERT INTO raw_rows (payload) VALUES (?)").bind(&payload);
+        match (via, conn.as_mut()) {
+            (RawPath::Connection, Some(c)) => insert.execute(&mut **c).await.map(drop),
+            (RawPath::Transaction, Some(c)) => {
+                sqlx::query("BEGIN").execute(&mut **c).await?;
+                insert.execute(&mut **c).await?;
+                sqlx::query("COMMIT").execute(&mut **c).await.map(drop)
             }
-            let start = Instant::now();
-            while n < max_rows && start.elapsed() < duration {
-                sqlx::query(insert)
-                    .bind(&payload)
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(err)?;
-                n += 1;
-            }
-            start.elapsed().as_secs_f64()
-        }
-        RawPath::Transaction => {
-            let mut conn = pool.acquire().await.map_err(err)?;
-            let start = Instant::now();
-            while n < max_rows && start.elapsed() < duration {
-                sqlx::query("BEGIN")
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(err)?;
-                sqlx::query(insert)
-                    .bind(&payload)
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(err)?;
-                sqlx::query("COMMIT")
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(err)?;
-                n += 1;
-            }
-            start.elapsed().as_secs_f64()
-        }
-        RawPath::Pool => {
-            for _ in 0..200 {
-                sqlx::query(insert)
-                    .bind(&payload)
-                    .execute(&pool)
-                    .await
-                    .map_err(err)?;
-            }
-            let start = Instant::now();
-            while n < max_rows && start.elapsed() < duration {
-                sqlx::query(insert)
-                    .bind(&payload)
-                    .execute(&pool)
-                    .await
-                    .map_err(err)?;
-                n += 1;
-            }
-            start.elapsed().as_secs_f64()
+            _ => insert.execute(&pool).await.map(drop),
         }
     };
+    for _ in 0..200 {
+        one().await.map_err(err)?;
+    }
+    let start = Instant::now();
+    let mut n = 0u64;
+    while n < max_rows && start.elapsed() < duration {
+        one().await.map_err(err)?;
+        n += 1;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    drop(conn);
     pool.close().await;
     Ok(n as f64 / secs.max(1e-9))
 }
