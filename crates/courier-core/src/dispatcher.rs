@@ -110,6 +110,8 @@ pub struct DispatcherStats {
     pub redriven: AtomicU64,
     /// Inbox rows pruned after the retention window.
     pub inbox_pruned: AtomicU64,
+    /// Batches the service database failed to take (each retried with backoff).
+    pub store_failures: AtomicU64,
 }
 
 /// Runs handlers for one subscriber (consumer group) over a service database.
@@ -160,8 +162,16 @@ enum Applied {
     Failed(String),
 }
 
+/// A batch the service database could not take; retried at `at`.
+struct Stalled {
+    batch: Vec<Pending>,
+    at: Instant,
+    outages: u32,
+}
+
 #[derive(Default)]
 struct State {
+    stalled: Option<Stalled>,
     held: HashMap<String, VecDeque<Pending>>,
     held_count: usize,
     timers: BinaryHeap<Reverse<(Instant, u64, String)>>,
@@ -237,6 +247,19 @@ impl<S: MessageStore> Dispatcher<S> {
         maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         loop {
+            // While the service database fails, retry the stalled batch (nothing was acked)
+            // and read nothing new: back-pressure, and order per key is kept.
+            if let Some(stalled) = st.stalled.take() {
+                let at = stalled.at;
+                tokio::select! {
+                    biased;
+                    _ = &mut shutdown => return Ok(()),
+                    _ = tokio::time::sleep_until(at) => {
+                        self.process_with(stalled.batch, &mut st, stalled.outages).await?;
+                    }
+                }
+                continue;
+            }
             let next_timer = st.timers.peek().map(|Reverse((t, _, _))| *t);
             let can_read = st.held_count < self.config.max_held;
             tokio::select! {
@@ -244,7 +267,7 @@ impl<S: MessageStore> Dispatcher<S> {
                 _ = &mut shutdown => return Ok(()),
                 _ = tokio::time::sleep_until(next_timer.unwrap_or_else(Instant::now)), if next_timer.is_some() => {
                     let batch = self.take_due(&mut st);
-                    self.process(batch, &mut st).await;
+                    self.process(batch, &mut st).await?;
                 }
                 d = subscription.next(), if can_read => {
                     let Some(d) = d else { return Ok(()) };
@@ -256,7 +279,7 @@ impl<S: MessageStore> Dispatcher<S> {
                             None => break,
                         }
                     }
-                    self.process(batch, &mut st).await;
+                    self.process(batch, &mut st).await?;
                 }
                 _ = maintenance.tick() => {
                     let keep_ms = self.config.inbox_retention.as_millis() as u64;
@@ -313,38 +336,54 @@ impl<S: MessageStore> Dispatcher<S> {
 
     /// Handle a batch in one transaction, retrying the whole batch with backoff while the
     /// service database fails (nothing is acked before the commit).
-    async fn process(&self, batch: Vec<Pending>, st: &mut State) {
+    async fn process(&self, batch: Vec<Pending>, st: &mut State) -> Result<()> {
+        self.process_with(batch, st, 0).await
+    }
+
+    /// Handle a batch in one transaction. When the service database fails transiently
+    /// the batch is parked in `st.stalled` for a retry with backoff (nothing is acked
+    /// before a commit); a permanent failure (corrupt file, a handler that keeps its
+    /// context) ends [`run`](Self::run) with that error.
+    async fn process_with(&self, batch: Vec<Pending>, st: &mut State, outages: u32) -> Result<()> {
         if batch.is_empty() {
-            return;
+            return Ok(());
         }
-        let mut outage = 0u32;
-        loop {
-            let attempt = if st.blocking {
-                self.try_batch(&batch, st, None).await
-            } else {
-                match self.try_batch_fast(&batch).await {
-                    Ok(Ok(d)) => Ok(d),
-                    // A handler failed: redo the batch message by message (savepoints).
-                    Ok(Err(failed)) => self.try_batch(&batch, st, Some(failed)).await,
-                    Err(e) => Err(e),
-                }
-            };
-            match attempt {
-                Ok(dispositions) => {
-                    self.settle(batch, dispositions, st).await;
-                    return;
-                }
-                Err(e) => {
-                    outage += 1;
-                    let delay = self
-                        .config
-                        .retry
-                        .backoff(outage)
-                        .max(Duration::from_millis(10));
-                    tracing::warn!(subscriber = %self.subscriber, error = %e, ?delay,
-                        "service database failed during a batch; retrying the batch");
-                    tokio::time::sleep(delay).await;
-                }
+        let attempt = if st.blocking {
+            self.try_batch(&batch, st, None).await
+        } else {
+            match self.try_batch_fast(&batch).await {
+                Ok(Ok(d)) => Ok(d),
+                // A handler failed: redo the batch message by message (savepoints).
+                Ok(Err(failed)) => self.try_batch(&batch, st, Some(failed)).await,
+                Err(e) => Err(e),
+            }
+        };
+        match attempt {
+            Ok(dispositions) => {
+                self.settle(batch, dispositions, st).await;
+                Ok(())
+            }
+            Err(e) if !e.is_retryable() => {
+                tracing::error!(subscriber = %self.subscriber, error = %e,
+                    "the service database failed permanently; stopping the dispatcher");
+                Err(e)
+            }
+            Err(e) => {
+                self.stats.store_failures.fetch_add(1, Ordering::Relaxed);
+                let outages = outages + 1;
+                let delay = self
+                    .config
+                    .retry
+                    .backoff(outages)
+                    .max(Duration::from_millis(10));
+                tracing::warn!(subscriber = %self.subscriber, error = %e, ?delay,
+                    "service database failed during a batch; retrying the batch");
+                st.stalled = Some(Stalled {
+                    batch,
+                    at: Instant::now() + delay,
+                    outages,
+                });
+                Ok(())
             }
         }
     }

@@ -466,3 +466,82 @@ async fn broker_prunes_only_what_every_group_consumed() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_database_outage_stalls_without_loss_and_shutdown_still_works() {
+    let e = env().await;
+    e.publish(&[e.work("a", 1)]).await;
+    let d = e.dispatcher(fast_retry(3));
+    let stats = d.stats();
+    let run = e.start(d).await;
+    wait_until(T, "first applied", || async {
+        e.applied_count().await == 1
+    })
+    .await;
+    // The inbox table disappears (an operator's mistake, a broken migration).
+    sqlx::query("ALTER TABLE courier_inbox RENAME TO courier_inbox_away")
+        .execute(e.store.pool())
+        .await
+        .unwrap();
+    e.publish(&[e.work("a", 2), e.work("b", 1)]).await;
+    wait_until(T, "batch failed and stalled", || async {
+        stats
+            .store_failures
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 2
+    })
+    .await;
+    assert_eq!(
+        e.applied_count().await,
+        1,
+        "nothing applied without the inbox"
+    );
+    run.stop().await; // shutdown is honoured while stalled
+    sqlx::query("ALTER TABLE courier_inbox_away RENAME TO courier_inbox")
+        .execute(e.store.pool())
+        .await
+        .unwrap();
+    let run = e.start(e.dispatcher(fast_retry(3))).await;
+    wait_until(T, "the rest applied after the outage", || async {
+        e.applied_count().await == 3
+    })
+    .await;
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_keeps_its_context_stops_the_dispatcher_with_a_clear_error() {
+    use courier_core::{Dispatcher, HandlerContext, SubscribeOptions, Subscriber};
+    let e = env().await;
+    e.publish(&[e.work("leak", 1)]).await;
+    let (_keep, held) = tokio::sync::oneshot::channel::<()>();
+    let held = std::sync::Arc::new(tokio::sync::Mutex::new(Some(held)));
+    let d = Dispatcher::new(e.store.clone(), e.group.clone())
+        .with_config(fast_retry(3))
+        .on(
+            move |ctx: HandlerContext<courier_sqlite::SqliteStore>, _w: Work| {
+                let held = held.clone();
+                async move {
+                    let rx = held.lock().await.take();
+                    // Misuse: the context escapes into a task that outlives the handler.
+                    tokio::spawn(async move {
+                        let _ctx = ctx;
+                        if let Some(rx) = rx {
+                            let _ = rx.await;
+                        }
+                    });
+                    Ok(())
+                }
+            },
+        );
+    let sub = e
+        .broker
+        .subscribe(SubscribeOptions::new(e.channel.clone(), e.group.clone()))
+        .await
+        .unwrap();
+    let err = tokio::time::timeout(T, d.run(sub, std::future::pending()))
+        .await
+        .expect("the dispatcher must stop, not hang")
+        .unwrap_err();
+    assert!(err.to_string().contains("kept its HandlerContext"), "{err}");
+}
