@@ -187,7 +187,6 @@ impl SqliteStore {
         crate::Outbox::new()
     }
 
-
     fn err(&self, what: &str) -> impl FnOnce(sqlx::Error) -> Error + '_ {
         let what = format!("{what} in {}", self.inner.path.display());
         move |e| map(what, e)

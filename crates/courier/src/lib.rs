@@ -7,8 +7,12 @@
 //!
 //! This facade re-exports [`courier_core`] (message model, transport traits, dispatcher)
 //! and, behind features, the backends:
-//! - `sqlite` (default): [`sqlite::SqliteStore`] (outbox, inbox, dead letters),
-//!   [`sqlite::Relay`] and the embedded broker [`sqlite::SqliteBroker`].
+//! - `sqlite` (default): [`sqlite::SqliteStore`] (outbox, inbox, dead letters) and the
+//!   embedded broker [`sqlite::SqliteBroker`];
+//! - `postgres`: `postgres::PgStore`, the same service-database API on PostgreSQL;
+//! - `nats`: the NATS JetStream transport (`nats::NatsTransport`).
+//!
+//! The [`Relay`] publishes any store's outbox through any [`Publisher`].
 //!
 //! ```no_run
 //! use courier::{ChannelName, Contract, JsonCodec, MessageKind};
@@ -39,6 +43,14 @@ pub use courier_core::*;
 /// SQLite: service database (outbox, inbox, dead letters), relay, embedded broker.
 #[cfg(feature = "sqlite")]
 pub use courier_sqlite as sqlite;
+
+/// PostgreSQL: service database (outbox, inbox, dead letters) with LISTEN/NOTIFY wake-ups.
+#[cfg(feature = "postgres")]
+pub use courier_postgres as postgres;
+
+/// NATS JetStream: a partitioned transport with consumer groups.
+#[cfg(feature = "nats")]
+pub use courier_nats as nats;
 
 /// The README's code, compiled as doctests so the tour never drifts from the API.
 #[cfg(doctest)]

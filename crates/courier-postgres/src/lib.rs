@@ -1,0 +1,50 @@
+//! # courier-postgres
+//!
+//! Courier on PostgreSQL, the service database at scale:
+//! - [`PgStore`]: hosts the transactional [`Outbox`], the inbox (idempotent consumer) and
+//!   dead letters in the service's own database, implementing
+//!   [`courier_core::MessageStore`] — the same shape as `courier_sqlite::SqliteStore`, so
+//!   user code changes only its store and pool types;
+//! - the outbox side of the [`Relay`] ([`courier_core::OutboxSource`]): committed rows
+//!   oldest first (never a high-water mark: sequence numbers are not commit order on
+//!   PostgreSQL), a lease on the database's clock with a generation checked by every
+//!   delete (fencing), and wake-ups by `LISTEN`/`NOTIFY` on channel `courier_outbox`.
+//!
+//! Tables are created in the current schema (the first of the connection's
+//! `search_path`), so several services can share one database, a schema each.
+//!
+//! ```no_run
+//! # async fn f(msg: courier_core::Message) -> Result<(), Box<dyn std::error::Error>> {
+//! let store = courier_postgres::PgStore::connect("postgres://app@127.0.0.1/orders").await?;
+//! let mut tx = store.begin().await?;
+//! // ... your business writes on &mut *tx ...
+//! store.outbox().send(&mut tx, msg).await?;
+//! tx.commit().await?;
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+
+mod error;
+mod outbox;
+mod schema;
+mod source;
+mod store;
+
+pub use courier_core::{OutboxRow, Relay, RelayConfig, RelayStats};
+pub use error::redact_url;
+pub use outbox::{Outbox, OutboxTarget};
+pub use store::PgStore;
+
+use bytes::Bytes;
+use courier_core::{Headers, Message, MessageId};
+
+/// Rebuild a message from its stored columns, or say what is wrong with them.
+pub(crate) fn decode_message(id: &str, headers: &str, payload: Bytes) -> Result<Message, String> {
+    let id = MessageId::parse(id).map_err(|e| e.to_string())?;
+    let headers = Headers::from_json(headers).map_err(|e| e.to_string())?;
+    Ok(Message {
+        id,
+        headers,
+        payload,
+    })
+}

@@ -1,0 +1,232 @@
+//! The outbox as the relay sees it: committed rows, the lease (database clock, fencing
+//! generation), and wake-ups by `LISTEN courier_outbox`.
+
+use crate::PgStore;
+use crate::outbox::CHANNEL;
+use courier_core::{OutboxRow, OutboxSource, Result};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{oneshot, watch};
+
+impl PgStore {
+    /// Read up to `limit` outbox rows (and at most about `max_bytes`, at least one row),
+    /// oldest first.
+    pub async fn outbox_peek(&self, limit: u32, max_bytes: usize) -> Result<Vec<OutboxRow>> {
+        let rows: Vec<(i64, String, String, Vec<u8>)> = sqlx::query_as(
+            "SELECT seq, message_id, headers, payload FROM courier_outbox ORDER BY seq LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(self.pool())
+        .await
+        .map_err(self.err("reading the outbox"))?;
+        let mut out = Vec::with_capacity(rows.len());
+        let mut bytes = 0usize;
+        for (seq, id, headers, payload) in rows {
+            bytes += payload.len();
+            if !out.is_empty() && bytes > max_bytes {
+                break;
+            }
+            let message = crate::decode_message(&id, &headers, payload.into());
+            out.push(OutboxRow { seq, message });
+        }
+        Ok(out)
+    }
+
+    /// Delete published outbox rows `seqs`, if `holder` still holds the relay lease of
+    /// generation `generation` (fencing). Returns `false` only when the lease was lost.
+    pub async fn outbox_delete(&self, seqs: &[i64], holder: &str, generation: i64) -> Result<bool> {
+        if seqs.is_empty() {
+            return Ok(true);
+        }
+        // One statement: the lease check and the delete are atomic. `FOR SHARE` makes a
+        // concurrent take-over wait for this delete (or this delete see the take-over).
+        let deleted = sqlx::query(
+            "DELETE FROM courier_outbox WHERE seq = ANY($1) AND EXISTS (
+               SELECT 1 FROM courier_relay_lease
+               WHERE outbox = 'default' AND holder = $2 AND generation = $3 FOR SHARE)",
+        )
+        .bind(seqs)
+        .bind(holder)
+        .bind(generation)
+        .execute(self.pool())
+        .await
+        .map_err(self.err("deleting published outbox rows"))?
+        .rows_affected();
+        if deleted > 0 {
+            return Ok(true);
+        }
+        // Nothing deleted: either the lease was lost, or the rows were already gone.
+        self.holds_lease(holder, generation).await
+    }
+
+    async fn holds_lease(&self, holder: &str, generation: i64) -> Result<bool> {
+        let held: Option<i32> = sqlx::query_scalar(
+            "SELECT 1 FROM courier_relay_lease
+             WHERE outbox = 'default' AND holder = $1 AND generation = $2",
+        )
+        .bind(holder)
+        .bind(generation)
+        .fetch_optional(self.pool())
+        .await
+        .map_err(self.err("checking the relay lease"))?;
+        Ok(held.is_some())
+    }
+
+    /// Take or renew the relay lease for `ttl_ms`, by the database's clock. Returns the
+    /// generation when `holder` holds it (renewing keeps it; taking over a free or expired
+    /// lease bumps it), `None` when another live relay holds it.
+    pub async fn relay_lease(&self, holder: &str, ttl_ms: u64) -> Result<Option<i64>> {
+        let ttl_s = ttl_ms as f64 / 1000.0;
+        sqlx::query_scalar(
+            "INSERT INTO courier_relay_lease AS l (outbox, holder, generation, expires_at)
+             VALUES ('default', $1, 1, now() + make_interval(secs => $2))
+             ON CONFLICT (outbox) DO UPDATE SET
+               generation = CASE WHEN l.holder = $1 THEN l.generation ELSE l.generation + 1 END,
+               holder = $1,
+               expires_at = now() + make_interval(secs => $2)
+             WHERE l.holder = $1 OR l.holder IS NULL OR l.expires_at < now()
+             RETURNING generation",
+        )
+        .bind(holder)
+        .bind(ttl_s)
+        .fetch_optional(self.pool())
+        .await
+        .map_err(self.err("taking the relay lease"))
+    }
+
+    /// Give the relay lease up (clean shutdown: a standby takes over at once).
+    pub async fn relay_release(&self, holder: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE courier_relay_lease SET holder = NULL, expires_at = '-infinity'
+             WHERE outbox = 'default' AND holder = $1",
+        )
+        .bind(holder)
+        .execute(self.pool())
+        .await
+        .map_err(self.err("releasing the relay lease"))?;
+        Ok(())
+    }
+
+    /// Start the `LISTEN` task once (needs a tokio runtime; without one the relay polls).
+    fn ensure_listener(&self) {
+        let Ok(mut slot) = self.inner.listener.lock() else {
+            return;
+        };
+        if slot.is_some() {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (stop_tx, stop_rx) = oneshot::channel();
+        *slot = Some(stop_tx);
+        let options = (*self.pool().connect_options()).clone();
+        rt.spawn(listen(
+            options,
+            self.inner.schema.clone(),
+            self.inner.changes.clone(),
+            stop_rx,
+            self.inner.describe.clone(),
+        ));
+    }
+}
+
+/// `LISTEN courier_outbox` on a connection of its own (not one of the store's pool) and
+/// bump `changes` on every notification for `schema`, and once after every (re)connect:
+/// notifications sent while the listener was away are lost, so the relay looks once.
+/// Ends when `stop` resolves (the store was dropped).
+async fn listen(
+    options: PgConnectOptions,
+    schema: String,
+    changes: Arc<watch::Sender<u64>>,
+    mut stop: oneshot::Receiver<()>,
+    describe: String,
+) {
+    let options = options.application_name(&listener_name(&schema));
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_lazy_with(options);
+    let bump = || changes.send_modify(|v| *v = v.wrapping_add(1));
+    let mut failures = 0u32;
+    loop {
+        let connect = async {
+            let mut l = PgListener::connect_with(&pool).await?;
+            l.listen(CHANNEL).await?;
+            Ok::<_, sqlx::Error>(l)
+        };
+        let error = tokio::select! {
+            _ = &mut stop => return,
+            r = connect => match r {
+                Ok(mut listener) => {
+                    failures = 0;
+                    bump();
+                    loop {
+                        tokio::select! {
+                            _ = &mut stop => return,
+                            r = listener.try_recv() => match r {
+                                Ok(Some(n)) => {
+                                    if n.payload().is_empty() || n.payload() == schema {
+                                        bump();
+                                    }
+                                }
+                                // The connection dropped and was re-established (and
+                                // re-listened): catch up on what may have been missed.
+                                Ok(None) => bump(),
+                                Err(e) => break e,
+                            },
+                        }
+                    }
+                }
+                Err(e) => e,
+            },
+        };
+        failures += 1;
+        let delay = Duration::from_millis(100u64.saturating_mul(1 << failures.min(6)).min(5_000));
+        tracing::warn!(database = %describe, error = %error, ?delay,
+            "LISTEN {CHANNEL} failed; the relay polls until it is back");
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// The `application_name` of the listener connection (visible in `pg_stat_activity`).
+fn listener_name(schema: &str) -> String {
+    let mut name = format!("courier-listen {schema}");
+    // PostgreSQL keeps 63 bytes.
+    while name.len() > 63 {
+        name.pop();
+    }
+    name
+}
+
+impl OutboxSource for PgStore {
+    async fn outbox_peek(&self, limit: u32, max_bytes: usize) -> Result<Vec<OutboxRow>> {
+        PgStore::outbox_peek(self, limit, max_bytes).await
+    }
+
+    async fn outbox_delete(&self, seqs: &[i64], holder: &str, generation: i64) -> Result<bool> {
+        PgStore::outbox_delete(self, seqs, holder, generation).await
+    }
+
+    async fn relay_lease(&self, holder: &str, ttl_ms: u64) -> Result<Option<i64>> {
+        PgStore::relay_lease(self, holder, ttl_ms).await
+    }
+
+    async fn relay_release(&self, holder: &str) -> Result<()> {
+        PgStore::relay_release(self, holder).await
+    }
+
+    fn outbox_changes(&self) -> watch::Receiver<u64> {
+        let rx = self.inner.changes.subscribe();
+        self.ensure_listener();
+        rx
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe.clone()
+    }
+}
