@@ -109,6 +109,16 @@ pub trait Publisher: Send + Sync {
     fn capabilities(&self) -> Capabilities;
 }
 
+impl<T: Publisher + ?Sized> Publisher for std::sync::Arc<T> {
+    fn publish<'a>(&'a self, messages: &'a [Message]) -> BoxFuture<'a, Result<Receipt>> {
+        (**self).publish(messages)
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        (**self).capabilities()
+    }
+}
+
 /// Where a new consumer group starts reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum StartFrom {

@@ -2,10 +2,13 @@
 
 use anyhow::{Context, Result, bail};
 use courier::core::headers::CONTENT_TYPE;
+use courier::core::{DeadLetter, Publisher};
 use courier::core::{Headers, now_ms};
+use courier::postgres::PgStore;
 use courier::sqlite::{SqliteBroker, SqliteStore, parse_sqlite_url};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// The broker used when neither `--broker` nor `COURIER_BROKER` is given.
 pub(crate) const DEFAULT_BROKER: &str = "sqlite:.courier/broker.db";
@@ -42,7 +45,7 @@ pub(crate) fn sqlite_path(flag: &str, url: &str) -> Result<PathBuf> {
         && (url.contains("://") || OTHER_BACKENDS.contains(&scheme.to_ascii_lowercase().as_str()))
     {
         bail!(
-            "{flag} {url}: backend {scheme} is not available yet in this build; use sqlite:PATH, \
+            "{flag} {url}: backend {scheme} is not available for this command yet; use sqlite:PATH, \
              e.g. {flag} sqlite:./broker.db"
         );
     }
@@ -91,6 +94,109 @@ pub(crate) async fn open_store(url: &str) -> Result<SqliteStore> {
     SqliteStore::open(&path)
         .await
         .with_context(|| format!("cannot open service database {}", path.display()))
+}
+
+/// `url` with the password of its user-info, if any, replaced by `***`.
+pub(crate) fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+/// The lower-case scheme of a `scheme://...` URL.
+fn url_scheme(url: &str) -> Option<String> {
+    url.split_once("://").map(|(s, _)| s.to_ascii_lowercase())
+}
+
+/// A service database of any supported backend (`sqlite:PATH`, `postgres://...`).
+pub(crate) enum ServiceDb {
+    /// A SQLite file.
+    Sqlite(SqliteStore),
+    /// A PostgreSQL database.
+    Postgres(PgStore),
+}
+
+impl ServiceDb {
+    /// The file path or the URL without its password.
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            Self::Sqlite(s) => s.path().display().to_string(),
+            Self::Postgres(s) => courier::core::OutboxSource::describe(s),
+        }
+    }
+
+    pub(crate) async fn dead_letters(
+        &self,
+        subscriber: Option<&str>,
+        limit: u32,
+    ) -> courier::Result<Vec<DeadLetter>> {
+        match self {
+            Self::Sqlite(s) => s.dead_letters(subscriber, limit).await,
+            Self::Postgres(s) => s.dead_letters(subscriber, limit).await,
+        }
+    }
+
+    pub(crate) async fn dead_letter(&self, id: i64) -> courier::Result<Option<DeadLetter>> {
+        match self {
+            Self::Sqlite(s) => s.dead_letter(id).await,
+            Self::Postgres(s) => s.dead_letter(id).await,
+        }
+    }
+
+    pub(crate) async fn retry_dead_letter(&self, id: i64) -> courier::Result<DeadLetter> {
+        match self {
+            Self::Sqlite(s) => s.retry_dead_letter(id).await,
+            Self::Postgres(s) => s.retry_dead_letter(id).await,
+        }
+    }
+
+    pub(crate) async fn discard_dead_letter(&self, id: i64) -> courier::Result<DeadLetter> {
+        match self {
+            Self::Sqlite(s) => s.discard_dead_letter(id).await,
+            Self::Postgres(s) => s.discard_dead_letter(id).await,
+        }
+    }
+}
+
+/// Open the service database named by `url` (a `--db` value): `sqlite:PATH` (the file
+/// must exist) or `postgres://user[:password]@host[:port]/database`.
+pub(crate) async fn open_service_db(url: &str) -> Result<ServiceDb> {
+    match url_scheme(url).as_deref() {
+        Some("postgres" | "postgresql") => Ok(ServiceDb::Postgres(
+            PgStore::connect(url)
+                .await
+                .context("cannot open the service database")?,
+        )),
+        _ => Ok(ServiceDb::Sqlite(open_store(url).await?)),
+    }
+}
+
+/// Open a publisher for `url` (a `--broker` value): `sqlite:PATH` or `nats://host:port`.
+/// Returns it with a description for logs.
+pub(crate) async fn open_publisher(
+    url: &str,
+    access: Access,
+) -> Result<(Arc<dyn Publisher>, String)> {
+    match url_scheme(url).as_deref() {
+        Some("nats") => {
+            let t = courier::nats::NatsTransport::connect(url)
+                .await
+                .context("cannot connect to the NATS broker")?;
+            Ok((Arc::new(t), redact(url)))
+        }
+        _ => {
+            let b = open_broker(url, access).await?;
+            let d = b.path().display().to_string();
+            Ok((Arc::new(b), d))
+        }
+    }
 }
 
 /// Whether `e` is a write to a closed pipe (the reader exited).
@@ -219,10 +325,17 @@ mod tests {
             "postgres:x",
         ] {
             let e = sqlite_path("--broker", url).unwrap_err().to_string();
-            assert!(e.contains("not available yet in this build"), "{e}");
+            assert!(e.contains("not available for this command yet"), "{e}");
             assert!(e.contains("sqlite:PATH"), "{e}");
         }
         assert!(sqlite_path("--db", "sqlite:").is_err());
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact("nats://u:secret@h:4222"), "nats://u:***@h:4222");
+        assert_eq!(redact("nats://h:4222"), "nats://h:4222");
+        assert_eq!(redact("nats://token@h"), "nats://token@h");
     }
 
     #[test]

@@ -3,7 +3,6 @@
 use super::common;
 use anyhow::{Context, Result, bail};
 use courier::core::DeadLetter;
-use courier::sqlite::SqliteStore;
 use std::collections::BTreeSet;
 
 /// Dead letters of a service database: list, show, retry, discard.
@@ -19,7 +18,7 @@ Examples:
   courier dlq retry 7 --db sqlite:orders.db"
 )]
 pub(crate) struct Args {
-    /// The service database: sqlite:PATH
+    /// The service database: sqlite:PATH or postgres://user@host/db
     #[arg(long, env = "COURIER_DB", value_name = "URL", global = true)]
     db: Option<String>,
 
@@ -96,7 +95,7 @@ pub(crate) async fn run(args: Args, json: bool) -> Result<()> {
     let Some(db) = args.db else {
         bail!("no service database given: pass --db sqlite:PATH (or set COURIER_DB)");
     };
-    let store = common::open_store(&db).await?;
+    let store = common::open_service_db(&db).await?;
     match args.action {
         Action::List { subscriber, limit } => {
             list(&store, subscriber.as_deref(), limit, json).await
@@ -107,11 +106,16 @@ pub(crate) async fn run(args: Args, json: bool) -> Result<()> {
     }
 }
 
-async fn list(store: &SqliteStore, subscriber: Option<&str>, limit: u32, json: bool) -> Result<()> {
+async fn list(
+    store: &common::ServiceDb,
+    subscriber: Option<&str>,
+    limit: u32,
+    json: bool,
+) -> Result<()> {
     let mut dls = store
         .dead_letters(subscriber, limit.saturating_add(1))
         .await
-        .with_context(|| format!("cannot list the dead letters in {}", store.path().display()))?;
+        .with_context(|| format!("cannot list the dead letters in {}", store.describe()))?;
     let more = dls.len() > limit as usize;
     dls.truncate(limit as usize);
     if json {
@@ -123,7 +127,7 @@ async fn list(store: &SqliteStore, subscriber: Option<&str>, limit: u32, json: b
             subscriber
                 .map(|s| format!(" of subscriber {s}"))
                 .unwrap_or_default(),
-            store.path().display()
+            store.describe()
         ));
     }
     let rows: Vec<Vec<String>> = dls
@@ -179,15 +183,15 @@ async fn list(store: &SqliteStore, subscriber: Option<&str>, limit: u32, json: b
     Ok(())
 }
 
-async fn find(store: &SqliteStore, id: i64) -> Result<DeadLetter> {
+async fn find(store: &common::ServiceDb, id: i64) -> Result<DeadLetter> {
     store
         .dead_letter(id)
         .await
-        .with_context(|| format!("cannot read dead letter {id} in {}", store.path().display()))?
+        .with_context(|| format!("cannot read dead letter {id} in {}", store.describe()))?
         .with_context(|| {
             format!(
                 "no dead letter with id {id} in {}; `courier dlq list` shows the ids",
-                store.path().display()
+                store.describe()
             )
         })
 }
@@ -211,7 +215,7 @@ fn to_json(d: &DeadLetter) -> Result<serde_json::Value> {
     Ok(v)
 }
 
-async fn show(store: &SqliteStore, id: i64, json: bool) -> Result<()> {
+async fn show(store: &common::ServiceDb, id: i64, json: bool) -> Result<()> {
     let d = find(store, id).await?;
     if json {
         return common::out_json(&to_json(&d)?);
@@ -263,7 +267,7 @@ async fn show(store: &SqliteStore, id: i64, json: bool) -> Result<()> {
     common::out(s.trim_end())
 }
 
-async fn retry(store: &SqliteStore, id: i64, json: bool) -> Result<()> {
+async fn retry(store: &common::ServiceDb, id: i64, json: bool) -> Result<()> {
     let d = store
         .retry_dead_letter(id)
         .await
@@ -279,7 +283,7 @@ async fn retry(store: &SqliteStore, id: i64, json: bool) -> Result<()> {
     ))
 }
 
-async fn discard(store: &SqliteStore, id: i64, yes: bool, json: bool) -> Result<()> {
+async fn discard(store: &common::ServiceDb, id: i64, yes: bool, json: bool) -> Result<()> {
     let d = find(store, id).await?;
     if !yes {
         bail!(

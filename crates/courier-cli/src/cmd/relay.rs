@@ -2,7 +2,8 @@
 
 use super::common::{self, Access};
 use anyhow::{Context, Result};
-use courier::sqlite::{Relay, RelayConfig};
+use courier::core::{OutboxSource, Publisher, Relay, RelayConfig};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tracing_subscriber::EnvFilter;
@@ -32,14 +33,15 @@ relay becomes active. Stops cleanly on Ctrl-C (SIGINT) or SIGTERM.
 
 Examples:
   courier relay --db sqlite:orders.db --broker sqlite:broker.db
+  courier relay --db postgres://app:secret@127.0.0.1/orders --broker nats://127.0.0.1:4222
   RUST_LOG=debug courier relay --db sqlite:orders.db --lease-ms 5000"
 )]
 pub(crate) struct Args {
-    /// The service database whose outbox is relayed: sqlite:PATH
+    /// The service database whose outbox is relayed: sqlite:PATH or postgres://user@host/db
     #[arg(long, env = "COURIER_DB", value_name = "URL")]
     db: String,
 
-    /// The broker to publish to: sqlite:PATH
+    /// The broker to publish to: sqlite:PATH or nats://host:port
     #[arg(long, env = "COURIER_BROKER", default_value = common::DEFAULT_BROKER, value_name = "URL")]
     broker: String,
 
@@ -66,28 +68,39 @@ pub(crate) async fn run(args: Args) -> Result<()> {
         .with_writer(std::io::stderr)
         .try_init();
 
-    let store = common::open_store(&args.db).await?;
-    let broker = common::open_broker(&args.broker, Access::Create).await?;
+    let (publisher, broker) = common::open_publisher(&args.broker, Access::Create).await?;
     let mut config = RelayConfig::default()
         .lease_ttl(Duration::from_millis(args.lease_ms))
         .batch_size(args.batch_size);
     if let Some(name) = args.instance {
         config = config.instance(name);
     }
+    match common::open_service_db(&args.db).await? {
+        common::ServiceDb::Sqlite(store) => relay(store, publisher, &broker, config).await,
+        common::ServiceDb::Postgres(store) => relay(store, publisher, &broker, config).await,
+    }
+}
+
+/// Run the relay of `store` until a signal.
+async fn relay<S: OutboxSource>(
+    store: S,
+    publisher: Arc<dyn Publisher>,
+    broker: &str,
+    config: RelayConfig,
+) -> Result<()> {
+    let db = store.describe();
     tracing::info!(
-        db = %store.path().display(),
-        broker = %broker.path().display(),
+        db = %db,
+        broker = %broker,
         relay = %config.instance,
         "relay started; it publishes while it holds the outbox lease (Ctrl-C to stop)"
     );
-    let relay = Relay::new(store.clone(), broker).with_config(config);
+    let relay = Relay::new(store, publisher).with_config(config);
     let stats = relay.stats();
-    relay.run(shutdown()).await.with_context(|| {
-        format!(
-            "the relay of {} stopped with an error",
-            store.path().display()
-        )
-    })?;
+    relay
+        .run(shutdown())
+        .await
+        .with_context(|| format!("the relay of {db} stopped with an error"))?;
     tracing::info!(
         published = stats.published.load(Ordering::Relaxed),
         "relay stopped"
