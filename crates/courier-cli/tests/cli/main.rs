@@ -398,7 +398,8 @@ fn other_backends_are_refused_clearly() {
     let env = Env::new();
     let e = env.fail(&["channels", "--broker", "postgres://localhost/courier"]);
     assert!(
-        e.contains("backend postgres is not available for this command yet") && e.contains("sqlite:PATH"),
+        e.contains("backend postgres is not available for this command yet")
+            && e.contains("sqlite:PATH"),
         "{e}"
     );
     let e = env.fail(&["dlq", "list", "--db", "nats://localhost:4222"]);
