@@ -58,7 +58,10 @@ Producer tasks each commit a business row plus one outbox message per transactio
 relay publishes them to the broker; a consumer group member in a separate OS process \
 handles each message with the inbox and records an effect. Reports end-to-end \
 throughput, commit -> handler latency (p50/p99/max), and, measured in the same run with \
-the same driver and settings, the raw single-row SQLite commit rate of this machine. \
+the same driver and settings, the raw single-row SQLite commit rate of this machine in \
+three ways: autocommit INSERT on a held connection (raw_commit_rate_per_s, the headline), \
+BEGIN; INSERT; COMMIT per row (raw_tx_commit_rate_per_s), and autocommit through a pool \
+(raw_commit_rate_pool_per_s); see BENCHMARKS.md. \
 `lost` and `duplicates_applied` are counted from the consumer's database; the exit code \
 is non-zero unless both are 0.
 
