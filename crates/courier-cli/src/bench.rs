@@ -213,21 +213,14 @@ pub(crate) async fn run(args: BenchArgs, json: bool) -> Result<()> {
     let raw_tx = measure("raw-tx.db", courier::sqlite::RawPath::Transaction).await?;
 
     // 2. Producer side: service database + relay, broker with the channel.
-    let store = SqliteStore::open_with(
-        dir.join("producer.db"),
-        SqliteStoreOptions::default().sync(sync),
+    let (store, broker, channel) = open_side(
+        &dir,
+        "producer.db",
+        "CREATE TABLE IF NOT EXISTS business (id INTEGER PRIMARY KEY, n INTEGER NOT NULL, body TEXT NOT NULL)",
+        sync,
+        args.partitions,
     )
     .await?;
-    sqlx::query("CREATE TABLE IF NOT EXISTS business (id INTEGER PRIMARY KEY, n INTEGER NOT NULL, body TEXT NOT NULL)")
-        .execute(store.pool())
-        .await?;
-    let broker = SqliteBroker::open_with(
-        dir.join("broker.db"),
-        SqliteBrokerConfig::default().sync(sync),
-    )
-    .await?;
-    let channel = ChannelName::new(CHANNEL)?;
-    broker.create_channel(&channel, args.partitions).await?;
 
     // 3. The consumer, as its own OS process.
     let exe = std::env::current_exe().context("finding the courier binary")?;
@@ -467,25 +460,40 @@ fn print_human(r: &Report) {
     );
 }
 
-/// The consumer process: one group member with the inbox, recording each effect.
-async fn consumer(args: BenchArgs) -> Result<()> {
-    let dir = args.dir.context("--internal-consumer needs --dir")?;
-    let sync = args.sync.sync();
-    let store = SqliteStore::open_with(
-        dir.join("consumer.db"),
-        SqliteStoreOptions::default().sync(sync),
-    )
-    .await?;
-    sqlx::query("CREATE TABLE IF NOT EXISTS effects (n INTEGER NOT NULL, latency_us INTEGER NOT NULL, handled_at_us INTEGER NOT NULL)")
-        .execute(store.pool())
-        .await?;
+/// One side of the bench: its service database (with its table), the shared broker and
+/// the bench channel.
+async fn open_side(
+    dir: &std::path::Path,
+    db_file: &str,
+    table: &'static str,
+    sync: Sync,
+    partitions: u32,
+) -> Result<(SqliteStore, SqliteBroker, ChannelName)> {
+    let store =
+        SqliteStore::open_with(dir.join(db_file), SqliteStoreOptions::default().sync(sync)).await?;
+    sqlx::query(table).execute(store.pool()).await?;
     let broker = SqliteBroker::open_with(
         dir.join("broker.db"),
         SqliteBrokerConfig::default().sync(sync),
     )
     .await?;
     let channel = ChannelName::new(CHANNEL)?;
-    broker.create_channel(&channel, args.partitions).await?;
+    broker.create_channel(&channel, partitions).await?;
+    Ok((store, broker, channel))
+}
+
+/// The consumer process: one group member with the inbox, recording each effect.
+async fn consumer(args: BenchArgs) -> Result<()> {
+    let dir = args.dir.context("--internal-consumer needs --dir")?;
+    let sync = args.sync.sync();
+    let (store, broker, channel) = open_side(
+        &dir,
+        "consumer.db",
+        "CREATE TABLE IF NOT EXISTS effects (n INTEGER NOT NULL, latency_us INTEGER NOT NULL, handled_at_us INTEGER NOT NULL)",
+        sync,
+        args.partitions,
+    )
+    .await?;
     let group = GroupName::new(GROUP)?;
     let subscription = broker
         .subscribe(SubscribeOptions::new(channel, group.clone()).buffer(1024))

@@ -147,6 +147,26 @@ pub struct DeadLetter {
     pub record: DeadLetterRecord,
 }
 
+impl DeadLetter {
+    /// Whether an operator may ask for this dead letter to be handled again: only `dead`
+    /// ones (a `parked` one follows the dead letter its key waits behind).
+    pub fn ensure_retryable(&self) -> crate::Result<()> {
+        match self.record.status {
+            DeadLetterStatus::Dead => Ok(()),
+            DeadLetterStatus::Parked => Err(crate::Error::invalid(format!(
+                "dead letter {} is parked: only dead letters can be retried; \
+                 retry or discard the dead letter its key waits behind",
+                self.id
+            ))),
+            other => Err(crate::Error::invalid(format!(
+                "dead letter {} is {}: only dead letters can be retried",
+                self.id,
+                other.as_str()
+            ))),
+        }
+    }
+}
+
 /// The stored fields of a dead letter (serialisable for `--json`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DeadLetterRecord {

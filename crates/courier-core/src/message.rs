@@ -150,6 +150,14 @@ impl Message {
                 .sum::<usize>()
     }
 
+    /// What every outbox checks before accepting a message: it names its channel and is
+    /// at most `max_bytes` (payload + headers).
+    pub fn check_outgoing(&self, max_bytes: usize) -> Result<()> {
+        self.check_size(max_bytes)?;
+        self.channel()?;
+        Ok(())
+    }
+
     /// Refuse a message larger than `max_bytes`.
     pub fn check_size(&self, max_bytes: usize) -> Result<()> {
         let size = self.size();

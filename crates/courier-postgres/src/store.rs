@@ -213,18 +213,7 @@ impl PgStore {
     /// Ask the subscriber to handle dead letter `id` again. Only `dead` letters can be
     /// retried (parked ones follow the one they wait behind).
     pub async fn retry_dead_letter(&self, id: i64) -> Result<DeadLetter> {
-        let dl = self.require_dead_letter(id).await?;
-        if dl.record.status != DeadLetterStatus::Dead {
-            return Err(Error::invalid(format!(
-                "dead letter {id} is {}: only dead letters can be retried{}",
-                dl.record.status.as_str(),
-                if dl.record.status == DeadLetterStatus::Parked {
-                    "; retry or discard the dead letter its key waits behind"
-                } else {
-                    ""
-                }
-            )));
-        }
+        self.require_dead_letter(id).await?.ensure_retryable()?;
         sqlx::query(
             "UPDATE courier_dead_letters SET status = 'retry' WHERE id = $1 AND status = 'dead'",
         )

@@ -70,12 +70,10 @@ impl Outbox {
     }
 
     fn check(&self, m: &Message) -> Result<()> {
-        m.check_size(
+        m.check_outgoing(
             self.max_message_bytes
                 .unwrap_or(courier_core::message::DEFAULT_MAX_MESSAGE_BYTES),
-        )?;
-        m.channel()?;
-        Ok(())
+        )
     }
 
     /// Add `message` to the outbox in the transaction `tx` (pass `&mut tx`): it is
