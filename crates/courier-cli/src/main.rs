@@ -15,8 +15,9 @@ use std::process::ExitCode;
     long_about = "Inspect and operate Courier: reliable async messaging with a transactional \
 outbox, an idempotent inbox and an embedded SQLite broker.
 
-Brokers and service databases are given as URLs: sqlite:PATH (other backends are not in \
-this build yet). --broker defaults to $COURIER_BROKER, else sqlite:.courier/broker.db; \
+Brokers and service databases are given as URLs: sqlite:PATH (the embedded default), \
+postgres://USER[:PASSWORD]@HOST[:PORT]/DB, nats://HOST:PORT (brokers only); each command's \
+--help says which it accepts. --broker defaults to $COURIER_BROKER, else sqlite:.courier/broker.db; \
 --db defaults to $COURIER_DB.
 
 Examples:
@@ -76,10 +77,27 @@ fn main() -> ExitCode {
         // `courier tail | head -3`: the reader went away, which is not an error.
         Err(e) if cmd::common::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", describe(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, leaving out a cause whose text the line already
+/// says (library errors often repeat their source in their own message).
+fn describe(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 #[cfg(test)]
@@ -90,5 +108,17 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn repeated_causes_are_said_once() {
+        let inner = std::io::Error::other("role \"x\" does not exist");
+        let e = anyhow::Error::new(inner)
+            .context("cannot connect: role \"x\" does not exist")
+            .context("cannot open the broker");
+        assert_eq!(
+            describe(&e),
+            "cannot open the broker: cannot connect: role \"x\" does not exist"
+        );
     }
 }

@@ -121,7 +121,11 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.message)?;
         if let Some(source) = &self.source {
-            write!(f, " ({source})")?;
+            // Backends often put the source's text in the message already: say it once.
+            let text = source.to_string();
+            if !self.message.contains(&text) {
+                write!(f, " ({text})")?;
+            }
         }
         Ok(())
     }
@@ -151,5 +155,15 @@ mod tests {
     fn context_prefixes_message() {
         let e = Error::invalid("bad header").context("channel orders");
         assert_eq!(e.to_string(), "channel orders: bad header");
+    }
+
+    #[test]
+    fn the_source_is_shown_once() {
+        let io = || std::io::Error::other("connection refused");
+        let e = Error::new(ErrorKind::Unavailable, "cannot connect").with_source(io());
+        assert_eq!(e.to_string(), "cannot connect (connection refused)");
+        let e = Error::new(ErrorKind::Unavailable, "cannot connect: connection refused")
+            .with_source(io());
+        assert_eq!(e.to_string(), "cannot connect: connection refused");
     }
 }

@@ -49,8 +49,10 @@ mod config;
 mod error;
 mod member;
 mod names;
+mod reference;
 
 pub use config::NatsConfig;
+pub use reference::raw_publish_rate;
 
 use async_nats::jetstream::{self, stream::StorageType};
 use courier_core::partition::partition_for;

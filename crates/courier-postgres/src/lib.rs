@@ -22,17 +22,43 @@
 //! tx.commit().await?;
 //! # Ok(()) }
 //! ```
+//!
+//! **PostgreSQL as a broker.** [`PgBroker`] implements the transport traits
+//! ([`courier_core::Publisher`], [`courier_core::Subscriber`]) on tables
+//! (`courier_broker_*`, same current-schema rule), for teams that run only PostgreSQL:
+//! partitioned channels, consumer groups with committed offsets, partition leases on the
+//! database's clock with generation fencing on every offset commit, rebalancing on
+//! join / leave / death, delayed redelivery, retention, and wake-ups by `LISTEN`/`NOTIFY`
+//! (channel `courier_broker`) with a fallback poll. Offsets follow commit order per
+//! partition (publishers of one partition serialise on its counter row), and a publish
+//! resolves after `COMMIT` (with `synchronous_commit = on`: WAL flushed, `Durability::Synced`).
+//! [`PgBroker::describe`] lists channels, partitions, groups, owners, offsets and lag.
+//!
+//! ```no_run
+//! # async fn f(msg: courier_core::Message) -> courier_core::Result<()> {
+//! use courier_core::Publisher;
+//! let broker = courier_postgres::PgBroker::connect("postgres://app@127.0.0.1/broker").await?;
+//! broker.publish(&[msg]).await?;
+//! # Ok(()) }
+//! ```
 #![deny(missing_docs)]
 
+mod broker;
 mod error;
 mod outbox;
+mod reference;
 mod schema;
 mod source;
 mod store;
 
+pub use broker::{
+    ChannelInfo, GroupInfo, GroupPartition, PartitionInfo, PgBroker, PgBrokerChanges,
+    PgBrokerConfig, PgBrokerStats,
+};
 pub use courier_core::{OutboxRow, Relay, RelayConfig, RelayStats};
 pub use error::redact_url;
 pub use outbox::{Outbox, OutboxTarget};
+pub use reference::raw_commit_rate;
 pub use store::PgStore;
 
 use bytes::Bytes;

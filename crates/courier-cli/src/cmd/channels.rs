@@ -1,7 +1,8 @@
 //! `courier channels`: channels, partitions, messages; each group's members and lag.
 
+use super::broker::Broker;
 use super::common::{self, Access};
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use courier::sqlite::ChannelInfo;
 
 /// List channels with their partitions and message counts, and each consumer group's
@@ -16,10 +17,11 @@ partition_info and groups, each group with its per-partition committed offset, o
 
 Examples:
   courier channels --broker sqlite:broker.db
-  courier channels --broker sqlite:broker.db --channel orders --json"
+  courier channels --broker sqlite:broker.db --channel orders --json
+  courier channels --broker postgres://app@127.0.0.1/orders"
 )]
 pub(crate) struct Args {
-    /// The broker: sqlite:PATH
+    /// The broker: sqlite:PATH or postgres://USER@HOST/DB
     #[arg(long, env = "COURIER_BROKER", default_value = common::DEFAULT_BROKER, value_name = "URL")]
     broker: String,
 
@@ -29,23 +31,15 @@ pub(crate) struct Args {
 }
 
 pub(crate) async fn run(args: Args, json: bool) -> Result<()> {
-    let broker = common::open_broker(&args.broker, Access::Existing).await?;
-    let channels = broker
-        .describe(args.channel.as_deref())
-        .await
-        .with_context(|| {
-            format!(
-                "cannot describe the channels of {}",
-                broker.path().display()
-            )
-        })?;
+    let broker = Broker::open(&args.broker, Access::Existing).await?;
+    let channels = broker.describe_channels(args.channel.as_deref()).await?;
     if let Some(name) = &args.channel
         && channels.is_empty()
     {
         bail!(
             "no channel {name:?} in broker {}; `courier channels --broker {}` lists the channels \
              (a channel is created by its first publish or subscription)",
-            broker.path().display(),
+            broker.describe(),
             args.broker
         );
     }
@@ -55,7 +49,7 @@ pub(crate) async fn run(args: Args, json: bool) -> Result<()> {
     if channels.is_empty() {
         return common::out(format_args!(
             "no channels in broker {} yet (a channel is created by its first publish or subscription)",
-            broker.path().display()
+            broker.describe()
         ));
     }
     common::out(render(&channels))

@@ -178,25 +178,14 @@ pub(crate) async fn open_service_db(url: &str) -> Result<ServiceDb> {
     }
 }
 
-/// Open a publisher for `url` (a `--broker` value): `sqlite:PATH` or `nats://host:port`.
+/// Open a publisher for `url` (a `--broker` value, see [`super::broker::Broker::open`]).
 /// Returns it with a description for logs.
 pub(crate) async fn open_publisher(
     url: &str,
     access: Access,
 ) -> Result<(Arc<dyn Publisher>, String)> {
-    match url_scheme(url).as_deref() {
-        Some("nats") => {
-            let t = courier::nats::NatsTransport::connect(url)
-                .await
-                .context("cannot connect to the NATS broker")?;
-            Ok((Arc::new(t), redact(url)))
-        }
-        _ => {
-            let b = open_broker(url, access).await?;
-            let d = b.path().display().to_string();
-            Ok((Arc::new(b), d))
-        }
-    }
+    let broker = super::broker::Broker::open(url, access).await?;
+    Ok((broker.publisher(), broker.describe()))
 }
 
 /// Whether `e` is a write to a closed pipe (the reader exited).

@@ -1,5 +1,6 @@
 //! One module per subcommand, plus what they share.
 
+pub(crate) mod broker;
 pub(crate) mod channels;
 pub(crate) mod common;
 pub(crate) mod dlq;

@@ -1,5 +1,6 @@
 //! `courier publish`: publish messages to a channel of the broker.
 
+use super::broker::Broker;
 use super::common::{self, Access};
 use anyhow::{Context, Result, bail};
 use courier::core::headers::{CONTENT_TYPE, DESTINATION, PARTITION_KEY, TYPE};
@@ -23,10 +24,11 @@ to the same partition and are consumed in order.
 
 Examples:
   courier publish --broker sqlite:broker.db --channel orders --key order-1 --type order.OrderPlaced '{\"id\":1}'
-  cat events.jsonl | courier publish --channel orders --lines --json"
+  cat events.jsonl | courier publish --channel orders --lines --json
+  courier publish --broker nats://127.0.0.1:4222 --channel orders --partitions 8 --key order-1 '{\"id\":1}'"
 )]
 pub(crate) struct Args {
-    /// The broker: sqlite:PATH
+    /// The broker: sqlite:PATH, nats://HOST:PORT or postgres://USER@HOST/DB
     #[arg(long, env = "COURIER_BROKER", default_value = common::DEFAULT_BROKER, value_name = "URL")]
     broker: String,
 
@@ -81,7 +83,8 @@ pub(crate) async fn run(args: Args, json: bool) -> Result<()> {
         )?);
     }
 
-    let broker = common::open_broker(&args.broker, Access::Create).await?;
+    let broker = Broker::open(&args.broker, Access::Create).await?;
+    let publisher = broker.publisher();
     if let Some(n) = args.partitions {
         broker
             .create_channel(&channel, n)
@@ -89,10 +92,10 @@ pub(crate) async fn run(args: Args, json: bool) -> Result<()> {
             .with_context(|| format!("cannot create channel {channel} with {n} partitions"))?;
     }
     for batch in messages.chunks(BATCH) {
-        let receipt = broker.publish(batch).await.with_context(|| {
+        let receipt = publisher.publish(batch).await.with_context(|| {
             format!(
                 "cannot publish to channel {channel} in broker {}",
-                broker.path().display()
+                broker.describe()
             )
         })?;
         for (m, pos) in batch.iter().zip(&receipt.positions) {

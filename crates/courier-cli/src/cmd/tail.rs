@@ -1,5 +1,6 @@
 //! `courier tail`: follow a channel like `kcat -C`, without joining a consumer group.
 
+use super::broker::{Broker, Cursor};
 use super::common::{self, Access};
 use anyhow::{Context, Result, bail};
 use courier::core::{ChannelName, Malformed, Message, Position};
@@ -31,7 +32,7 @@ Examples:
   courier tail --channel orders --from-beginning --json --count 10 --timeout-ms 5000"
 )]
 pub(crate) struct Args {
-    /// The broker: sqlite:PATH
+    /// The broker: sqlite:PATH or postgres://USER@HOST/DB
     #[arg(long, env = "COURIER_BROKER", default_value = common::DEFAULT_BROKER, value_name = "URL")]
     broker: String,
 
@@ -56,27 +57,33 @@ pub(crate) struct Args {
 pub(crate) async fn run(args: Args, json: bool) -> Result<()> {
     let channel = ChannelName::new(args.channel.as_str())
         .with_context(|| format!("invalid --channel {:?}", args.channel))?;
-    let broker = common::open_broker(&args.broker, Access::Existing).await?;
+    let broker = Broker::open(&args.broker, Access::Existing).await?;
     let err = || {
         format!(
             "cannot read channel {channel} in broker {}",
-            broker.path().display()
+            broker.describe()
         )
     };
     if broker
-        .describe(Some(channel.as_str()))
+        .describe_channels(Some(channel.as_str()))
         .await
         .with_context(err)?
         .is_empty()
     {
         eprintln!("channel {channel} does not exist yet; waiting for its first message");
     }
-    let mut after = if args.from_beginning {
-        0
-    } else {
-        broker.head(&channel).await.with_context(err)?
-    };
-    eprintln!("following channel {channel} after offset {after} (Ctrl-C to stop)");
+    let mut cursor = broker
+        .tail_start(&channel, args.from_beginning)
+        .await
+        .with_context(err)?;
+    match &cursor {
+        Cursor::Global(after) => {
+            eprintln!("following channel {channel} after offset {after} (Ctrl-C to stop)")
+        }
+        Cursor::PerPartition(after) => eprintln!(
+            "following channel {channel} after offsets {after:?} (per partition; Ctrl-C to stop)"
+        ),
+    }
 
     let timeout = args.timeout_ms.map(Duration::from_millis);
     let mut seen = 0u64;
@@ -85,10 +92,10 @@ pub(crate) async fn run(args: Args, json: bool) -> Result<()> {
         return Ok(());
     }
     // Taken before each read, so a commit between the read and the wait is not missed.
-    let mut changes = broker.changes();
+    let mut changes = broker.tail_changes(&channel)?;
     loop {
         let batch = broker
-            .read_after(&channel, after, FETCH)
+            .tail_read(&channel, &mut cursor, FETCH)
             .await
             .with_context(err)?;
         if batch.is_empty() {
@@ -106,7 +113,6 @@ pub(crate) async fn run(args: Args, json: bool) -> Result<()> {
             continue;
         }
         for (position, message) in batch {
-            after = position.offset;
             print(&channel, position, &message, json)?;
             seen += 1;
             if args.count.is_some_and(|n| seen >= n) {

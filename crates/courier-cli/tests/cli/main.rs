@@ -396,9 +396,9 @@ fn read_only_commands_never_create_files() {
 #[test]
 fn other_backends_are_refused_clearly() {
     let env = Env::new();
-    let e = env.fail(&["channels", "--broker", "postgres://localhost/courier"]);
+    let e = env.fail(&["channels", "--broker", "kafka://localhost:9092"]);
     assert!(
-        e.contains("backend postgres is not available for this command yet")
+        e.contains("backend kafka is not available for this command yet")
             && e.contains("sqlite:PATH"),
         "{e}"
     );

@@ -1,0 +1,779 @@
+//! `courier bench`: the end-to-end benchmark, on the embedded default or any backend.
+//!
+//! Producer tasks commit a business row plus one outbox message per transaction; the
+//! relay moves them to the broker; a consumer group member in a SEPARATE OS process
+//! (this binary, `bench --internal-consumer`) handles each message with the inbox,
+//! writing an effect row. `lost` and `duplicates_applied` are counted from the
+//! consumer's database; latency is commit → handler, measured by the handler.
+
+mod side;
+
+use crate::cmd::broker::{Broker, scheme};
+use crate::cmd::common::Access;
+use anyhow::{Context, Result, bail};
+use courier::core::Relay;
+use courier::postgres::PgStore;
+use courier::sqlite::{SqliteBroker, SqliteBrokerConfig, Sync};
+use courier::{
+    ChannelName, Contract, Dispatcher, DispatcherConfig, GroupName, HandlerContext, JsonCodec,
+    MessageKind, SubscribeOptions,
+};
+use serde::{Deserialize, Serialize};
+use side::{BenchStore, DbSpec, Side};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+
+/// The bench channel on the embedded broker (its file is the bench's own).
+const CHANNEL: &str = "bench";
+const GROUP: &str = "bench-consumer";
+/// How long each raw reference is measured.
+const RAW_DURATION: Duration = Duration::from_secs(1);
+
+/// Durability setting for every database of the run.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SyncArg {
+    /// WAL + synchronous=NORMAL: survives process crashes (Courier's default).
+    Normal,
+    /// WAL + synchronous=FULL: every commit fsync'd.
+    Full,
+}
+
+impl SyncArg {
+    fn sync(self) -> Sync {
+        match self {
+            Self::Normal => Sync::Normal,
+            Self::Full => Sync::Full,
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Self::Normal => "normal",
+            Self::Full => "full",
+        }
+    }
+}
+
+/// Arguments of `courier bench`.
+#[derive(clap::Args, Debug)]
+#[command(
+    long_about = "End-to-end benchmark: outbox -> relay -> broker -> consumer group with \
+inbox. By default everything is the embedded default (SQLite service databases and the \
+embedded SQLite broker, in a temporary directory); --db and --broker run the same bench on \
+PostgreSQL, NATS JetStream, ...
+
+Producer tasks each commit a business row plus one outbox message per transaction; the \
+relay publishes them to the broker; a consumer group member in a separate OS process \
+handles each message with the inbox and records an effect. Reports end-to-end \
+throughput, commit -> handler latency (p50/p99/max), and, measured in the same run, the \
+raw limits of the backends without Courier:
+  raw_commit_rate_per_s   single-row INSERT commits of the service database (SQLite: \
+autocommit on a held connection, same driver and --sync; PostgreSQL: autocommit on one \
+connection). On SQLite also BEGIN; INSERT; COMMIT per row (raw_tx_commit_rate_per_s) and \
+autocommit through a pool (raw_commit_rate_pool_per_s); see BENCHMARKS.md.
+  raw_publish_rate_per_s  confirmed publishes of the broker's own client (NATS: JetStream \
+publishes with 256 acks in flight; PostgreSQL: single-row INSERT commits; embedded broker: \
+single-row commits on a file beside it).
+`lost` and `duplicates_applied` are counted from the consumer's database; the exit code \
+is non-zero unless both are 0. On PostgreSQL the bench uses (and drops afterwards) the \
+schemas courier_bench_producer, courier_bench_consumer and courier_bench_broker; on NATS a \
+stream for a fresh channel bench-<id>, deleted afterwards.
+
+Examples:
+  courier bench --messages 20000
+  courier bench --messages 5000 --rate 1000 --json     # steady load, latency focus
+  courier bench --db postgres://postgres@127.0.0.1/test --broker nats://127.0.0.1:4222 --json"
+)]
+pub(crate) struct BenchArgs {
+    /// Service databases: sqlite (files in --dir, the default) or postgres://USER@HOST/DB
+    #[arg(long, value_name = "URL")]
+    pub(crate) db: Option<String>,
+    /// Broker: sqlite:PATH (default: broker.db in --dir), nats://HOST:PORT or
+    /// postgres://USER@HOST/DB
+    #[arg(long, value_name = "URL")]
+    pub(crate) broker: Option<String>,
+    /// Messages to send end to end
+    #[arg(long, default_value_t = 20_000)]
+    pub(crate) messages: u64,
+    /// Offer a steady load of R messages/s instead of as fast as possible
+    #[arg(long)]
+    pub(crate) rate: Option<f64>,
+    /// Producer tasks (each commits business row + outbox message per transaction)
+    #[arg(long, default_value_t = 4)]
+    pub(crate) producers: u32,
+    /// Partitions of the bench channel
+    #[arg(long, default_value_t = 4)]
+    pub(crate) partitions: u32,
+    /// Distinct partition keys
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) keys: u64,
+    /// Approximate payload size in bytes
+    #[arg(long, default_value_t = 200)]
+    pub(crate) payload_bytes: usize,
+    /// On PostgreSQL, the bench's schemas are PREFIX_producer, PREFIX_consumer and
+    /// PREFIX_broker (dropped and recreated at the start, dropped at the end)
+    #[arg(long, value_name = "PREFIX", default_value = "courier_bench",
+          value_parser = parse_schema_prefix)]
+    pub(crate) schema_prefix: String,
+    /// Durability of every SQLite database in the run (PostgreSQL uses its server's
+    /// synchronous_commit)
+    #[arg(long, value_enum, default_value = "normal")]
+    pub(crate) sync: SyncArg,
+    /// Keep the databases in DIR (default: a temporary directory, removed afterwards)
+    #[arg(long, value_name = "DIR")]
+    pub(crate) dir: Option<PathBuf>,
+    /// Give up (and report what was lost) after this many seconds
+    #[arg(long, default_value_t = 300)]
+    pub(crate) timeout_secs: u64,
+    /// Run as the consumer process (used by the bench itself)
+    #[arg(long, hide = true)]
+    pub(crate) internal_consumer: bool,
+    /// The bench process the consumer belongs to (used by the bench itself)
+    #[arg(long, hide = true)]
+    pub(crate) parent_pid: Option<u32>,
+    /// The channel the consumer reads (used by the bench itself)
+    #[arg(long, hide = true)]
+    pub(crate) internal_channel: Option<String>,
+}
+
+impl BenchArgs {
+    /// The PostgreSQL schema of the broker's tables.
+    fn broker_schema(&self) -> String {
+        format!("{}_broker", self.schema_prefix)
+    }
+}
+
+/// A schema prefix is spliced into SQL: plain identifiers only.
+fn parse_schema_prefix(s: &str) -> std::result::Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 40
+        && s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "{s:?} is not a plain schema name prefix: use 1-40 lower-case letters, digits and '_', \
+             starting with a letter or '_'"
+        ))
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Ping {
+    n: u64,
+    ts_us: u64,
+    pad: String,
+}
+
+impl Contract for Ping {
+    const TYPE: &'static str = "bench.Ping";
+    const KIND: MessageKind = MessageKind::Event;
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// The report: the first keys are the contract of `--json`.
+#[derive(Serialize, Debug)]
+struct Report {
+    messages: u64,
+    seconds: f64,
+    throughput_msgs_per_s: f64,
+    raw_commit_rate_per_s: f64,
+    latency_ms: Latency,
+    lost: u64,
+    duplicates_applied: u64,
+    raw_publish_rate_per_s: f64,
+    throughput_vs_raw: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    raw_commit_rate_pool_per_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    raw_tx_commit_rate_per_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    throughput_vs_raw_tx: Option<f64>,
+    db: String,
+    broker: String,
+    relay: &'static str,
+    producers: u32,
+    partitions: u32,
+    rate: Option<f64>,
+    sync: &'static str,
+    payload_bytes: usize,
+}
+
+#[derive(Serialize, Debug)]
+struct Latency {
+    p50: f64,
+    p99: f64,
+    max: f64,
+}
+
+/// What the producer and the consumer process share: where the databases and the broker
+/// are, and the channel.
+struct Setup {
+    db: DbSpec,
+    /// The broker URL as both processes open it.
+    broker_url: String,
+    channel: ChannelName,
+    dir: PathBuf,
+    sync: Sync,
+}
+
+impl Setup {
+    /// Resolve `--db`, `--broker` and the channel for a run in `dir`.
+    fn new(args: &BenchArgs, dir: &Path) -> Result<Self> {
+        let sync = args.sync.sync();
+        let db = match args.db.as_deref() {
+            None => DbSpec::Sqlite {
+                dir: dir.to_path_buf(),
+                sync,
+            },
+            Some(url) => match scheme(url).as_str() {
+                "sqlite" => DbSpec::Sqlite {
+                    dir: dir.to_path_buf(),
+                    sync,
+                },
+                "postgres" | "postgresql" => DbSpec::Postgres {
+                    url: url.to_owned(),
+                    prefix: args.schema_prefix.clone(),
+                },
+                _ => bail!(
+                    "--db {url}: expected sqlite (files in --dir) or postgres://USER@HOST/DATABASE"
+                ),
+            },
+        };
+        let broker_url = match args.broker.as_deref() {
+            None => format!("sqlite:{}", dir.join("broker.db").display()),
+            // The consumer process gets the URL below, with the schema already in it.
+            Some(url) if scheme(url).starts_with("postgres") && !args.internal_consumer => {
+                side::pg_url_in_schema(url, &args.broker_schema())
+            }
+            Some(url) => url.to_owned(),
+        };
+        let channel = match (&args.internal_channel, scheme(&broker_url).as_str()) {
+            (Some(c), _) => ChannelName::new(c.as_str())?,
+            (None, "sqlite") => ChannelName::new(CHANNEL)?,
+            // A shared server: a fresh channel per run, deleted afterwards.
+            (None, _) => ChannelName::new(format!(
+                "bench-{}",
+                &uuid::Uuid::now_v7().simple().to_string()[20..]
+            ))?,
+        };
+        Ok(Self {
+            db,
+            broker_url,
+            channel,
+            dir: dir.to_path_buf(),
+            sync,
+        })
+    }
+
+    /// Open the broker (the embedded one with the run's durability setting).
+    async fn broker(&self) -> Result<Broker> {
+        match scheme(&self.broker_url).as_str() {
+            "sqlite" => {
+                let path = crate::cmd::common::sqlite_path("--broker", &self.broker_url)?;
+                Ok(Broker::Sqlite(
+                    SqliteBroker::open_with(&path, SqliteBrokerConfig::default().sync(self.sync))
+                        .await
+                        .with_context(|| format!("cannot open broker {}", path.display()))?,
+                ))
+            }
+            _ => Broker::open(&self.broker_url, Access::Create).await,
+        }
+    }
+
+    /// The raw limit of the service database: single-row commits per second, and on
+    /// SQLite the pool and explicit-transaction variants.
+    async fn raw_db(&self, payload_bytes: usize) -> Result<(f64, Option<f64>, Option<f64>)> {
+        match &self.db {
+            DbSpec::Sqlite { .. } => {
+                let measure = async |file: &str, via| {
+                    raw_sqlite(&self.dir.join(file), self.sync, via, payload_bytes).await
+                };
+                use courier::sqlite::RawPath;
+                let raw = measure("raw.db", RawPath::Connection).await?;
+                let pool = measure("raw-pool.db", RawPath::Pool).await?;
+                let tx = measure("raw-tx.db", RawPath::Transaction).await?;
+                Ok((raw, Some(pool), Some(tx)))
+            }
+            DbSpec::Postgres { .. } => {
+                let url = self.db.pg_url(Side::Producer).unwrap_or_default();
+                let raw =
+                    courier::postgres::raw_commit_rate(&url, payload_bytes, RAW_DURATION, 1 << 30)
+                        .await
+                        .context("measuring the raw PostgreSQL commit rate")?;
+                Ok((raw, None, None))
+            }
+        }
+    }
+
+    /// The raw limit of the broker: confirmed publishes per second of its own client.
+    async fn raw_broker(&self, payload_bytes: usize) -> Result<f64> {
+        match scheme(&self.broker_url).as_str() {
+            "sqlite" => {
+                raw_sqlite(
+                    &self.dir.join("raw-broker.db"),
+                    self.sync,
+                    courier::sqlite::RawPath::Connection,
+                    payload_bytes,
+                )
+                .await
+            }
+            "nats" => courier::nats::raw_publish_rate(
+                &self.broker_url,
+                payload_bytes,
+                RAW_DURATION,
+                1 << 30,
+            )
+            .await
+            .context("measuring the raw JetStream publish rate"),
+            "postgres" | "postgresql" => courier::postgres::raw_commit_rate(
+                &self.broker_url,
+                payload_bytes,
+                RAW_DURATION,
+                1 << 30,
+            )
+            .await
+            .context("measuring the raw PostgreSQL commit rate of the broker"),
+            other => bail!("--broker: no raw reference for {other}: brokers"),
+        }
+    }
+}
+
+async fn raw_sqlite(
+    path: &Path,
+    sync: Sync,
+    via: courier::sqlite::RawPath,
+    payload_bytes: usize,
+) -> Result<f64> {
+    courier::sqlite::raw_commit_rate(path, sync, via, payload_bytes, RAW_DURATION, 1_000_000)
+        .await
+        .with_context(|| format!("measuring the raw SQLite commit rate ({via:?})"))
+}
+
+/// Run the bench (or, with `--internal-consumer`, its consumer process).
+pub(crate) async fn run(args: BenchArgs, json: bool) -> Result<()> {
+    if args.internal_consumer {
+        return consumer(args).await;
+    }
+    if args.messages == 0 {
+        bail!("--messages must be at least 1");
+    }
+    if args.producers == 0 {
+        bail!("--producers must be at least 1");
+    }
+    if let Some(r) = args.rate
+        && !(r > 0.0 && r.is_finite())
+    {
+        bail!("--rate must be a positive number of messages per second, got {r}");
+    }
+    let temp;
+    let dir: PathBuf = match &args.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+            for f in [
+                "producer.db",
+                "consumer.db",
+                "broker.db",
+                "raw.db",
+                "raw-pool.db",
+                "raw-tx.db",
+                "raw-broker.db",
+            ] {
+                for suffix in ["", "-wal", "-shm"] {
+                    let _ = std::fs::remove_file(d.join(format!("{f}{suffix}")));
+                }
+            }
+            d.clone()
+        }
+        None => {
+            temp = tempfile::tempdir().context("creating a temporary directory")?;
+            temp.path().to_path_buf()
+        }
+    };
+    let setup = Setup::new(&args, &dir)?;
+    setup.db.reset().await?;
+    if scheme(&setup.broker_url).starts_with("postgres") {
+        side::pg_reset_schema(&setup.broker_url, &args.broker_schema()).await?;
+    }
+    let outcome = match &setup.db {
+        DbSpec::Sqlite { .. } => {
+            let store = setup.db.open_sqlite(Side::Producer).await?;
+            run_on(store.context("the producer database")?, &setup, &args, json).await
+        }
+        DbSpec::Postgres { .. } => {
+            let store = setup.db.open_pg(Side::Producer).await?;
+            run_on(store.context("the producer database")?, &setup, &args, json).await
+        }
+    };
+    setup.db.cleanup().await;
+    if scheme(&setup.broker_url).starts_with("postgres") {
+        side::pg_drop_schema(&setup.broker_url, &args.broker_schema()).await;
+    }
+    let report = outcome?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_human(&report);
+    }
+    if report.lost > 0 || report.duplicates_applied > 0 {
+        bail!(
+            "{} message(s) lost and {} applied twice: this is a bug, please report it",
+            report.lost,
+            report.duplicates_applied
+        );
+    }
+    Ok(())
+}
+
+/// The run itself, with the producer's service database `store`.
+async fn run_on<S: BenchStore>(
+    store: S,
+    setup: &Setup,
+    args: &BenchArgs,
+    json: bool,
+) -> Result<Report> {
+    // 1. The raw references, on a quiet machine.
+    let (raw, raw_pool, raw_tx) = setup.raw_db(args.payload_bytes).await?;
+    let raw_publish = setup.raw_broker(args.payload_bytes).await?;
+
+    // 2. The broker with the channel.
+    let broker = setup.broker().await?;
+    let channel = setup.channel.clone();
+    broker
+        .create_channel(&channel, args.partitions)
+        .await
+        .with_context(|| format!("creating the bench channel {channel}"))?;
+    let report = run_with_channel(store, &broker, setup, args, json, raw, raw_publish).await;
+    if let Err(e) = broker.delete_channel(&channel).await {
+        eprintln!("bench: could not delete the bench channel {channel}: {e}");
+    }
+    let mut report = report?;
+    report.raw_commit_rate_pool_per_s = raw_pool;
+    report.raw_tx_commit_rate_per_s = raw_tx;
+    report.throughput_vs_raw_tx = raw_tx.map(|t| report.throughput_msgs_per_s / t);
+    Ok(report)
+}
+
+async fn run_with_channel<S: BenchStore>(
+    store: S,
+    broker: &Broker,
+    setup: &Setup,
+    args: &BenchArgs,
+    json: bool,
+    raw: f64,
+    raw_publish: f64,
+) -> Result<Report> {
+    let channel = setup.channel.clone();
+
+    // 3. The consumer, as its own OS process.
+    let exe = std::env::current_exe().context("finding the courier binary")?;
+    let mut command = tokio::process::Command::new(exe);
+    command
+        .arg("bench")
+        .arg("--internal-consumer")
+        .arg("--dir")
+        .arg(&setup.dir)
+        .arg("--broker")
+        .arg(&setup.broker_url)
+        .arg("--internal-channel")
+        .arg(channel.as_str())
+        .arg("--messages")
+        .arg(args.messages.to_string())
+        .arg("--partitions")
+        .arg(args.partitions.to_string())
+        .arg("--sync")
+        .arg(args.sync.name())
+        .arg("--parent-pid")
+        .arg(std::process::id().to_string());
+    if let Some(db) = &args.db {
+        command.arg("--db").arg(db);
+    }
+    command.arg("--schema-prefix").arg(&args.schema_prefix);
+    let mut child = command
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the consumer process")?;
+    let stdout = child.stdout.take().context("consumer stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .context("the consumer process did not get ready within 30 s")??;
+    if ready.as_deref() != Some("ready") {
+        bail!("the consumer process failed to start (said {ready:?})");
+    }
+
+    // 4. Relay in this process, like a service would run it.
+    let (stop_relay, relay_stopped) = tokio::sync::oneshot::channel::<()>();
+    let relay = tokio::spawn(
+        Relay::new(store.clone(), broker.publisher()).run(async move {
+            let _ = relay_stopped.await;
+        }),
+    );
+
+    // 5. Producers.
+    let progress = progress_bar(args.messages, json);
+    let next = Arc::new(AtomicU64::new(0));
+    let committed = Arc::new(AtomicU64::new(0));
+    let start_us = now_us();
+    let start = tokio::time::Instant::now();
+    let pad = "x".repeat(args.payload_bytes.saturating_sub(40));
+    let mut producers = Vec::new();
+    for _ in 0..args.producers {
+        let (store, channel, next, committed, pad) = (
+            store.clone(),
+            channel.clone(),
+            next.clone(),
+            committed.clone(),
+            pad.clone(),
+        );
+        let (n_total, rate, keys) = (args.messages, args.rate, args.keys.max(1));
+        producers.push(tokio::spawn(async move {
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= n_total {
+                    return anyhow::Ok(());
+                }
+                if let Some(r) = rate {
+                    tokio::time::sleep_until(start + Duration::from_secs_f64(n as f64 / r)).await;
+                }
+                let ping = Ping {
+                    n,
+                    ts_us: now_us(),
+                    pad: pad.clone(),
+                };
+                let msg =
+                    JsonCodec::encode_to(&ping, &channel)?.with_key(format!("key-{}", n % keys))?;
+                store.produce(n, &pad, msg).await?;
+                committed.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+
+    // 6. Wait for the consumer to finish, showing progress.
+    let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
+    let mut effects = None;
+    let status = loop {
+        tokio::select! {
+            s = child.wait() => break Some(s?),
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+        if effects.is_none() {
+            effects = setup.db.effects().await.ok();
+        }
+        let handled = match &effects {
+            Some(e) => e.handled().await,
+            None => 0,
+        };
+        progress.set_position(handled.max(0) as u64);
+        progress.set_message(format!("committed {}", committed.load(Ordering::Relaxed)));
+        if Instant::now() > deadline {
+            break None;
+        }
+    };
+    for p in producers {
+        p.await??;
+    }
+    let _ = stop_relay.send(());
+    relay.await??;
+    if status.is_none() {
+        let _ = child.kill().await;
+    }
+    progress.finish_and_clear();
+    if let Some(s) = &status
+        && !s.success()
+    {
+        let mut err = String::new();
+        let _ = lines.into_inner().read_to_string(&mut err).await;
+        bail!("the consumer process failed ({s}) {err}");
+    }
+
+    // 7. Count from the consumer's database.
+    let effects = match effects {
+        Some(e) => e,
+        None => setup.db.effects().await?,
+    };
+    let totals = effects.totals().await?;
+    let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    for l in totals.latencies_us {
+        hist.saturating_record(l.max(1) as u64);
+    }
+    let seconds =
+        (totals.last_us.unwrap_or(start_us as i64) as f64 - start_us as f64).max(1.0) / 1e6;
+    let throughput = totals.distinct as f64 / seconds;
+    Ok(Report {
+        messages: args.messages,
+        seconds,
+        throughput_msgs_per_s: throughput,
+        raw_commit_rate_per_s: raw,
+        latency_ms: Latency {
+            p50: hist.value_at_quantile(0.50) as f64 / 1000.0,
+            p99: hist.value_at_quantile(0.99) as f64 / 1000.0,
+            max: hist.max() as f64 / 1000.0,
+        },
+        lost: args.messages.saturating_sub(totals.distinct as u64),
+        duplicates_applied: (totals.rows - totals.distinct) as u64,
+        raw_publish_rate_per_s: raw_publish,
+        throughput_vs_raw: throughput / raw,
+        raw_commit_rate_pool_per_s: None,
+        raw_tx_commit_rate_per_s: None,
+        throughput_vs_raw_tx: None,
+        db: setup.db.describe(),
+        broker: broker.describe(),
+        relay: "polling",
+        producers: args.producers,
+        partitions: args.partitions,
+        rate: args.rate,
+        sync: args.sync.name(),
+        payload_bytes: args.payload_bytes,
+    })
+}
+
+fn progress_bar(total: u64, json: bool) -> indicatif::ProgressBar {
+    let pb = if json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::with_draw_target(
+            Some(total),
+            indicatif::ProgressDrawTarget::stderr(),
+        )
+    };
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} handled ({msg}) {per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    pb
+}
+
+fn print_human(r: &Report) {
+    println!(
+        "courier bench: {} messages, {} producers, {} partitions, db {}, broker {}, sync={}{}",
+        r.messages,
+        r.producers,
+        r.partitions,
+        r.db,
+        r.broker,
+        r.sync,
+        r.rate
+            .map(|x| format!(", offered {x} msg/s"))
+            .unwrap_or_default()
+    );
+    println!(
+        "  end to end        {:>10.0} msg/s  ({:.2} s)",
+        r.throughput_msgs_per_s, r.seconds
+    );
+    println!(
+        "  raw db commit     {:>10.0} /s     (same run, single-row autocommit, held connection; ratio {:.2})",
+        r.raw_commit_rate_per_s, r.throughput_vs_raw
+    );
+    if let Some(pool) = r.raw_commit_rate_pool_per_s {
+        println!("                    {pool:>10.0} /s     (the same through a sqlx pool)");
+    }
+    if let (Some(tx), Some(ratio)) = (r.raw_tx_commit_rate_per_s, r.throughput_vs_raw_tx) {
+        println!(
+            "                    {tx:>10.0} /s     (BEGIN; INSERT; COMMIT per row, held connection; ratio {ratio:.2})"
+        );
+    }
+    println!(
+        "  raw broker publish{:>10.0} /s     (same run, the broker's own client, confirmed)",
+        r.raw_publish_rate_per_s
+    );
+    println!(
+        "  commit -> handler p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        r.latency_ms.p50, r.latency_ms.p99, r.latency_ms.max
+    );
+    println!(
+        "  lost {}, duplicates applied {}",
+        r.lost, r.duplicates_applied
+    );
+}
+
+/// The consumer process: one group member with the inbox, recording each effect.
+async fn consumer(args: BenchArgs) -> Result<()> {
+    let dir = args
+        .dir
+        .clone()
+        .context("--internal-consumer needs --dir")?;
+    let setup = Setup::new(&args, &dir)?;
+    let broker = setup.broker().await?;
+    match &setup.db {
+        DbSpec::Sqlite { .. } => {
+            let store = setup.db.open_sqlite(Side::Consumer).await?;
+            consume(
+                store.context("the consumer database")?,
+                &broker,
+                &setup,
+                &args,
+            )
+            .await
+        }
+        DbSpec::Postgres { .. } => {
+            let store: Option<PgStore> = setup.db.open_pg(Side::Consumer).await?;
+            consume(
+                store.context("the consumer database")?,
+                &broker,
+                &setup,
+                &args,
+            )
+            .await
+        }
+    }
+}
+
+async fn consume<S: BenchStore>(
+    store: S,
+    broker: &Broker,
+    setup: &Setup,
+    args: &BenchArgs,
+) -> Result<()> {
+    let group = GroupName::new(GROUP)?;
+    let subscription = broker
+        .subscriber()
+        .subscribe(SubscribeOptions::new(setup.channel.clone(), group.clone()).buffer(1024))
+        .await?;
+    let dispatcher = Dispatcher::new(store, group)
+        .with_config(DispatcherConfig::default().max_batch(128))
+        .on(|ctx: HandlerContext<S>, p: Ping| async move {
+            let now = now_us();
+            S::record_effect(&ctx, p.n, now.saturating_sub(p.ts_us), now).await?;
+            Ok(())
+        });
+    let stats = dispatcher.stats();
+    let expected = args.messages;
+    let parent = args.parent_pid;
+    let done = async move {
+        // Stop when every message was handled, or when the bench process is gone.
+        let mut ticks = 0u32;
+        loop {
+            if stats.handled.load(Ordering::Relaxed) >= expected {
+                return;
+            }
+            ticks += 1;
+            if ticks.is_multiple_of(100)
+                && let Some(pid) = parent
+                && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            {
+                eprintln!("bench consumer: the bench process {pid} is gone; stopping");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    println!("ready");
+    dispatcher.run(subscription, done).await?;
+    Ok(())
+}

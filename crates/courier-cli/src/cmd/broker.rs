@@ -1,0 +1,248 @@
+//! `--broker URL`: the broker behind a command, whatever its backend.
+
+use super::common::{Access, open_broker, redact};
+use anyhow::{Context, Result, bail};
+use courier::core::{ChannelName, Malformed, Message, Position, Publisher, Subscriber};
+use courier::nats::NatsTransport;
+use courier::postgres::PgBroker;
+use courier::sqlite::{ChannelInfo, GroupInfo, GroupPartition, PartitionInfo, SqliteBroker};
+use std::sync::Arc;
+
+/// A broker of any backend this build has.
+#[derive(Debug, Clone)]
+pub(crate) enum Broker {
+    /// The embedded broker in a SQLite file.
+    Sqlite(SqliteBroker),
+    /// NATS JetStream.
+    Nats(NatsTransport),
+    /// PostgreSQL as a broker (tables in the URL's current schema).
+    Postgres(PgBroker),
+}
+
+/// Where `courier tail` is in a channel.
+#[derive(Debug, Clone)]
+pub(crate) enum Cursor {
+    /// The embedded broker: one position across partitions.
+    Global(u64),
+    /// One offset per partition (index = partition).
+    PerPartition(Vec<u64>),
+}
+
+/// Wake-ups for new messages, for `courier tail`.
+pub(crate) enum Changes {
+    Sqlite(courier::sqlite::Changes),
+    Postgres(courier::postgres::PgBrokerChanges),
+}
+
+impl Changes {
+    /// Resolves when something may have been published since this was taken (or the
+    /// last call).
+    pub(crate) async fn changed(&mut self) {
+        match self {
+            Self::Sqlite(c) => c.changed().await,
+            Self::Postgres(c) => c.changed().await,
+        }
+    }
+}
+
+/// One message read by `courier tail`.
+pub(crate) type Read = (Position, std::result::Result<Message, Malformed>);
+
+/// The lower-case scheme of `url` (`sqlite` for `sqlite:PATH`).
+pub(crate) fn scheme(url: &str) -> String {
+    url.split_once(':')
+        .map(|(s, _)| s.to_ascii_lowercase())
+        .unwrap_or_default()
+}
+
+impl Broker {
+    /// Open the broker named by `url` (a `--broker` value).
+    pub(crate) async fn open(url: &str, access: Access) -> Result<Self> {
+        match scheme(url).as_str() {
+            "nats" => Ok(Self::Nats(
+                NatsTransport::connect(url)
+                    .await
+                    .context("cannot connect to the NATS broker")?,
+            )),
+            "postgres" | "postgresql" => Ok(Self::Postgres(
+                PgBroker::connect(url)
+                    .await
+                    .context("cannot open the PostgreSQL broker")?,
+            )),
+            _ => Ok(Self::Sqlite(open_broker(url, access).await?)),
+        }
+    }
+
+    /// The file path, or the URL without its password.
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            Self::Sqlite(b) => b.path().display().to_string(),
+            Self::Nats(t) => redact(&t.config().url),
+            Self::Postgres(b) => redact(&b.config().url),
+        }
+    }
+
+    /// The broker as a publisher.
+    pub(crate) fn publisher(&self) -> Arc<dyn Publisher> {
+        match self {
+            Self::Sqlite(b) => Arc::new(b.clone()),
+            Self::Nats(t) => Arc::new(t.clone()),
+            Self::Postgres(b) => Arc::new(b.clone()),
+        }
+    }
+
+    /// The broker as a subscriber (one group member per subscription).
+    pub(crate) fn subscriber(&self) -> Arc<dyn Subscriber> {
+        match self {
+            Self::Sqlite(b) => Arc::new(b.clone()),
+            Self::Nats(t) => Arc::new(t.clone()),
+            Self::Postgres(b) => Arc::new(b.clone()),
+        }
+    }
+
+    /// Create `channel` with `partitions` partitions (an existing channel keeps its own).
+    pub(crate) async fn create_channel(
+        &self,
+        channel: &ChannelName,
+        partitions: u32,
+    ) -> courier::Result<()> {
+        match self {
+            Self::Sqlite(b) => b.create_channel(channel, partitions).await,
+            Self::Nats(t) => t.create_channel(channel, partitions).await,
+            Self::Postgres(b) => b.create_channel(channel, partitions).await,
+        }
+    }
+
+    /// Remove `channel` and what it stores, where the backend can (the embedded broker
+    /// keeps it: its file is the user's).
+    pub(crate) async fn delete_channel(&self, channel: &ChannelName) -> courier::Result<()> {
+        match self {
+            Self::Sqlite(_) | Self::Postgres(_) => Ok(()),
+            Self::Nats(t) => t.delete_channel(channel).await,
+        }
+    }
+
+    /// An error for a command this backend cannot serve yet, with what to use instead.
+    fn unsupported(&self, command: &str) -> anyhow::Error {
+        anyhow::anyhow!(
+            "`courier {command}` reads the broker's own tables, which {} does not have; it \
+             works with sqlite:PATH and postgres:// brokers (for NATS use `nats stream info` \
+             and `nats sub`)",
+            self.describe()
+        )
+    }
+
+    /// Channels, partitions, groups, owners and lag (`courier channels`).
+    pub(crate) async fn describe_channels(&self, only: Option<&str>) -> Result<Vec<ChannelInfo>> {
+        let what = || format!("cannot describe the channels of {}", self.describe());
+        match self {
+            Self::Sqlite(b) => b.describe(only).await.with_context(what),
+            Self::Postgres(b) => Ok(b
+                .describe(only)
+                .await
+                .with_context(what)?
+                .into_iter()
+                .map(from_pg)
+                .collect()),
+            Self::Nats(_) => Err(self.unsupported("channels")),
+        }
+    }
+
+    /// Where a tail of `channel` starts: its current end, or its oldest retained message.
+    pub(crate) async fn tail_start(
+        &self,
+        channel: &ChannelName,
+        from_beginning: bool,
+    ) -> Result<Cursor> {
+        match self {
+            Self::Sqlite(b) => Ok(Cursor::Global(if from_beginning {
+                0
+            } else {
+                b.head(channel).await?
+            })),
+            Self::Postgres(b) => Ok(Cursor::PerPartition(if from_beginning {
+                Vec::new()
+            } else {
+                b.heads(channel).await?
+            })),
+            Self::Nats(_) => Err(self.unsupported("tail")),
+        }
+    }
+
+    /// Wake-ups for new messages on `channel`; take them BEFORE reading.
+    pub(crate) fn tail_changes(&self, channel: &ChannelName) -> Result<Changes> {
+        match self {
+            Self::Sqlite(b) => Ok(Changes::Sqlite(b.changes())),
+            Self::Postgres(b) => Ok(Changes::Postgres(b.changes(channel))),
+            Self::Nats(_) => Err(self.unsupported("tail")),
+        }
+    }
+
+    /// Up to `limit` messages after `cursor`, advancing it past what is returned.
+    pub(crate) async fn tail_read(
+        &self,
+        channel: &ChannelName,
+        cursor: &mut Cursor,
+        limit: u32,
+    ) -> Result<Vec<Read>> {
+        match (self, cursor) {
+            (Self::Sqlite(b), Cursor::Global(after)) => {
+                let batch = b.read_after(channel, *after, limit).await?;
+                if let Some((p, _)) = batch.last() {
+                    *after = p.offset;
+                }
+                Ok(batch)
+            }
+            (Self::Postgres(b), Cursor::PerPartition(after)) => {
+                let batch = b.read_after(channel, after, limit).await?;
+                for (p, _) in &batch {
+                    let i = p.partition as usize;
+                    if after.len() <= i {
+                        after.resize(i + 1, 0);
+                    }
+                    after[i] = after[i].max(p.offset);
+                }
+                Ok(batch)
+            }
+            (Self::Nats(_), _) => Err(self.unsupported("tail")),
+            _ => bail!("internal error: a tail cursor of another broker"),
+        }
+    }
+}
+
+/// A PostgreSQL broker's description in the shape `courier channels` prints.
+fn from_pg(c: courier::postgres::ChannelInfo) -> ChannelInfo {
+    ChannelInfo {
+        channel: c.channel,
+        partitions: c.partitions,
+        messages: c.messages,
+        partition_info: c
+            .partition_info
+            .into_iter()
+            .map(|p| PartitionInfo {
+                partition: p.partition,
+                messages: p.messages,
+                head: p.head,
+            })
+            .collect(),
+        groups: c
+            .groups
+            .into_iter()
+            .map(|g| GroupInfo {
+                group: g.group,
+                members: g.members,
+                lag: g.lag,
+                partitions: g
+                    .partitions
+                    .into_iter()
+                    .map(|p| GroupPartition {
+                        partition: p.partition,
+                        committed: p.committed,
+                        owner: p.owner,
+                        lag: p.lag,
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}

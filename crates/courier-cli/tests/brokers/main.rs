@@ -1,0 +1,249 @@
+//! The CLI on every broker and service database by URL: `courier bench` end to end with
+//! PostgreSQL service databases and NATS JetStream / PostgreSQL brokers, and `publish`,
+//! `channels`, `tail` on a PostgreSQL broker. Needs COURIER_TEST_POSTGRES_URL and
+//! COURIER_TEST_NATS_URL (set by `.ci/run`); without them the tests skip, except under CI
+//! where they fail.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use serde_json::Value;
+use std::process::{Command, Output};
+
+fn env_url(var: &str, example: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(u) if !u.trim().is_empty() => Some(u),
+        _ if std::env::var_os("CI").is_some() => panic!("{var} must be set in CI"),
+        _ => {
+            eprintln!("skipping: set {var}={example}");
+            None
+        }
+    }
+}
+
+fn pg() -> Option<String> {
+    env_url(
+        "COURIER_TEST_POSTGRES_URL",
+        "postgres://postgres@127.0.0.1:5432/test",
+    )
+}
+
+fn nats() -> Option<String> {
+    env_url("COURIER_TEST_NATS_URL", "nats://127.0.0.1:4222")
+}
+
+fn courier(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_courier"))
+        .args(args)
+        .output()
+        .expect("running the courier binary")
+}
+
+fn unique() -> String {
+    uuid::Uuid::now_v7().simple().to_string()[16..].to_owned()
+}
+
+/// `url` with its connections' search_path set to `schema`.
+fn in_schema(url: &str, schema: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}options[search_path]={schema}")
+}
+
+/// Run `courier bench --json` with `extra` arguments and check the report contract.
+fn bench(extra: &[&str]) -> Value {
+    let prefix = format!("courier_t_{}", unique());
+    let mut args = vec![
+        "bench",
+        "--messages",
+        "300",
+        "--keys",
+        "20",
+        "--timeout-secs",
+        "120",
+        "--schema-prefix",
+        &prefix,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let out = courier(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "courier {args:?} failed ({}):\nstdout: {stdout}\nstderr: {stderr}",
+        out.status
+    );
+    let report: Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("bench printed no JSON object ({e}): {stdout}"));
+    for key in [
+        "messages",
+        "seconds",
+        "throughput_msgs_per_s",
+        "raw_commit_rate_per_s",
+        "raw_publish_rate_per_s",
+        "latency_ms",
+        "lost",
+        "duplicates_applied",
+    ] {
+        assert!(report.get(key).is_some(), "no {key} in {report}");
+    }
+    for key in ["p50", "p99", "max"] {
+        assert!(report["latency_ms"][key].as_f64().is_some(), "{report}");
+    }
+    assert_eq!(report["messages"], 300, "{report}");
+    assert_eq!(report["lost"], 0, "{report}");
+    assert_eq!(report["duplicates_applied"], 0, "{report}");
+    for key in [
+        "throughput_msgs_per_s",
+        "raw_commit_rate_per_s",
+        "raw_publish_rate_per_s",
+    ] {
+        assert!(report[key].as_f64().unwrap() > 0.0, "{key} in {report}");
+    }
+    report
+}
+
+#[test]
+fn bench_on_postgres_with_nats() {
+    let (Some(pg), Some(nats)) = (pg(), nats()) else {
+        return;
+    };
+    let report = bench(&["--db", &pg, "--broker", &nats]);
+    assert!(report["db"].as_str().unwrap().starts_with("postgres://"));
+    assert!(report["broker"].as_str().unwrap().starts_with("nats://"));
+}
+
+#[test]
+fn bench_on_postgres_with_the_postgres_broker() {
+    let Some(pg) = pg() else {
+        return;
+    };
+    let report = bench(&["--db", &pg, "--broker", &pg]);
+    assert!(
+        report["broker"]
+            .as_str()
+            .unwrap()
+            .starts_with("postgres://")
+    );
+}
+
+#[test]
+fn bench_on_sqlite_with_nats() {
+    let Some(nats) = nats() else {
+        return;
+    };
+    let report = bench(&["--broker", &nats]);
+    assert_eq!(report["db"], "sqlite", "{report}");
+    // The SQLite-only references are there too.
+    assert!(report["raw_tx_commit_rate_per_s"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn bench_refuses_an_unknown_database_scheme() {
+    let out = courier(&["bench", "--messages", "1", "--db", "mysql://x@y/z"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--db mysql://x@y/z"), "{stderr}");
+    assert!(stderr.contains("postgres://"), "{stderr}");
+}
+
+#[test]
+fn publish_channels_and_tail_on_a_postgres_broker() {
+    let Some(pg) = pg() else {
+        return;
+    };
+    let schema = format!("courier_t_{}", unique());
+    let sql = |statement: String| {
+        let pg = pg.clone();
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(async move {
+                let pool = sqlx::PgPool::connect(&pg).await.unwrap();
+                sqlx::query(sqlx::AssertSqlSafe(statement))
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                pool.close().await;
+            })
+    };
+    sql(format!("CREATE SCHEMA {schema}"));
+    let broker = in_schema(&pg, &schema);
+    let publish = |key: &str, payload: &str| {
+        let out = courier(&[
+            "publish",
+            "--broker",
+            &broker,
+            "--channel",
+            "orders",
+            "--partitions",
+            "3",
+            "--key",
+            key,
+            "--type",
+            "order.OrderPlaced",
+            "--json",
+            payload,
+        ]);
+        assert!(
+            out.status.success(),
+            "publish failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["channel"], "orders");
+        assert!(v["partition"].as_u64().unwrap() < 3, "{v}");
+        v
+    };
+    let first = publish("order-1", r#"{"n":1}"#);
+    let second = publish("order-1", r#"{"n":2}"#);
+    publish("order-2", r#"{"n":3}"#);
+    assert_eq!(
+        first["partition"], second["partition"],
+        "one key, one partition"
+    );
+    assert_eq!(
+        second["offset"].as_u64().unwrap(),
+        first["offset"].as_u64().unwrap() + 1
+    );
+
+    let out = courier(&["channels", "--broker", &broker, "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let channels: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(channels[0]["channel"], "orders", "{channels}");
+    assert_eq!(channels[0]["partitions"], 3, "{channels}");
+    assert_eq!(channels[0]["messages"], 3, "{channels}");
+
+    let out = courier(&[
+        "tail",
+        "--broker",
+        &broker,
+        "--channel",
+        "orders",
+        "--from-beginning",
+        "--count",
+        "3",
+        "--timeout-ms",
+        "10000",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    let order_1: Vec<i64> = lines
+        .iter()
+        .filter(|l| l["headers"]["partition-key"] == "order-1")
+        .map(|l| l["payload"]["n"].as_i64().unwrap())
+        .collect();
+    assert_eq!(order_1, vec![1, 2], "per-key order in {lines:?}");
+
+    sql(format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
+}

@@ -1,0 +1,72 @@
+//! The raw reference for benchmarks: how fast this JetStream server confirms publishes
+//! made with async-nats directly, without Courier, so `courier bench` can print it next
+//! to Courier's own figure.
+
+use crate::error;
+use async_nats::jetstream::{self, stream::StorageType};
+use courier_core::{Error, ErrorKind, Result};
+use std::time::{Duration, Instant};
+
+/// Publishes kept in flight, as [`NatsTransport`](crate::NatsTransport) publishes a batch.
+const WINDOW: usize = 256;
+
+/// Publish `payload_bytes`-byte messages to a scratch stream (file storage, one subject)
+/// on the server at `url` for `duration` (or `max_messages`), [`WINDOW`] in flight, each
+/// confirmed by its JetStream ack, and return confirmed messages per second. The stream
+/// is deleted afterwards. A short warm-up runs first and is not counted.
+pub async fn raw_publish_rate(
+    url: &str,
+    payload_bytes: usize,
+    duration: Duration,
+    max_messages: u64,
+) -> Result<f64> {
+    let shown = error::redact(url);
+    let client = async_nats::connect(url).await.map_err(|e| {
+        Error::new(
+            ErrorKind::Unavailable,
+            format!("measuring the raw publish rate: cannot connect to NATS at {shown}: {e}"),
+        )
+    })?;
+    let js = jetstream::new(client);
+    let name = format!("COURIER_RAW_{}", uuid::Uuid::now_v7().simple());
+    let subject = format!("courier-raw.{name}");
+    js.create_stream(jetstream::stream::Config {
+        name: name.clone(),
+        subjects: vec![subject.clone()],
+        storage: StorageType::File,
+        max_age: Duration::from_secs(600),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| error::map(format!("creating the scratch stream {name} on {shown}"), e))?;
+    let payload = bytes::Bytes::from(vec![7u8; payload_bytes]);
+    let run = async {
+        let window = async |n: usize| -> Result<()> {
+            let mut acks = Vec::with_capacity(n);
+            for _ in 0..n {
+                let ack = js
+                    .publish(subject.clone(), payload.clone())
+                    .await
+                    .map_err(|e| error::map("raw publish", e))?;
+                acks.push(ack);
+            }
+            for ack in acks {
+                ack.await.map_err(|e| error::map("raw publish ack", e))?;
+            }
+            Ok(())
+        };
+        window(WINDOW).await?;
+        let start = Instant::now();
+        let mut n = 0u64;
+        while n < max_messages && start.elapsed() < duration {
+            window(WINDOW).await?;
+            n += WINDOW as u64;
+        }
+        Ok::<_, Error>(n as f64 / start.elapsed().as_secs_f64().max(1e-9))
+    };
+    let rate = run.await;
+    if let Err(e) = js.delete_stream(&name).await {
+        tracing::warn!(stream = %name, error = %e, "could not delete the scratch stream");
+    }
+    rate
+}
