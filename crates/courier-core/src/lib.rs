@@ -9,6 +9,7 @@
 //! Users depend on the `courier` facade, which re-exports this crate and the backends.
 #![deny(missing_docs)]
 
+pub mod admin;
 pub mod codec;
 pub mod dead_letter;
 pub mod dispatcher;

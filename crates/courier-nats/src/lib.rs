@@ -44,6 +44,7 @@
 //! Works with nats-server 2.9 and later (no 2.10+ features are used).
 #![deny(missing_docs)]
 
+mod admin;
 mod codec;
 mod config;
 mod error;
@@ -51,6 +52,7 @@ mod member;
 mod names;
 mod reference;
 
+pub use admin::{NatsTail, TailFrom};
 pub use config::NatsConfig;
 pub use reference::raw_publish_rate;
 

@@ -2,11 +2,17 @@
 
 use super::common::{Access, open_broker, redact};
 use anyhow::{Context, Result, bail};
+use courier::core::admin::ChannelInfo;
 use courier::core::{ChannelName, Malformed, Message, Position, Publisher, Subscriber};
 use courier::nats::NatsTransport;
+use courier::nats::TailFrom;
 use courier::postgres::PgBroker;
-use courier::sqlite::{ChannelInfo, GroupInfo, GroupPartition, PartitionInfo, SqliteBroker};
+use courier::sqlite::SqliteBroker;
 use std::sync::Arc;
+use std::time::Duration;
+
+/// How long a NATS tail read waits for a first message.
+const NATS_WAIT: Duration = Duration::from_millis(250);
 
 /// A broker of any backend this build has.
 #[derive(Debug, Clone)]
@@ -20,18 +26,22 @@ pub(crate) enum Broker {
 }
 
 /// Where `courier tail` is in a channel.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) enum Cursor {
     /// The embedded broker: one position across partitions.
     Global(u64),
     /// One offset per partition (index = partition).
     PerPartition(Vec<u64>),
+    /// A NATS follower (an ordered, ephemeral consumer) and the last position seen.
+    Nats(Box<courier::nats::NatsTail>, Option<u64>),
 }
 
 /// Wake-ups for new messages, for `courier tail`.
 pub(crate) enum Changes {
     Sqlite(courier::sqlite::Changes),
     Postgres(courier::postgres::PgBrokerChanges),
+    /// Reads wait for messages themselves.
+    Never,
 }
 
 impl Changes {
@@ -41,6 +51,7 @@ impl Changes {
         match self {
             Self::Sqlite(c) => c.changed().await,
             Self::Postgres(c) => c.changed().await,
+            Self::Never => {}
         }
     }
 }
@@ -122,29 +133,13 @@ impl Broker {
         }
     }
 
-    /// An error for a command this backend cannot serve yet, with what to use instead.
-    fn unsupported(&self, command: &str) -> anyhow::Error {
-        anyhow::anyhow!(
-            "`courier {command}` reads the broker's own tables, which {} does not have; it \
-             works with sqlite:PATH and postgres:// brokers (for NATS use `nats stream info` \
-             and `nats sub`)",
-            self.describe()
-        )
-    }
-
     /// Channels, partitions, groups, owners and lag (`courier channels`).
     pub(crate) async fn describe_channels(&self, only: Option<&str>) -> Result<Vec<ChannelInfo>> {
         let what = || format!("cannot describe the channels of {}", self.describe());
         match self {
             Self::Sqlite(b) => b.describe(only).await.with_context(what),
-            Self::Postgres(b) => Ok(b
-                .describe(only)
-                .await
-                .with_context(what)?
-                .into_iter()
-                .map(from_pg)
-                .collect()),
-            Self::Nats(_) => Err(self.unsupported("channels")),
+            Self::Postgres(b) => b.describe(only).await.with_context(what),
+            Self::Nats(t) => t.describe(only).await.with_context(what),
         }
     }
 
@@ -165,16 +160,24 @@ impl Broker {
             } else {
                 b.heads(channel).await?
             })),
-            Self::Nats(_) => Err(self.unsupported("tail")),
+            Self::Nats(t) => {
+                let from = if from_beginning {
+                    TailFrom::Earliest
+                } else {
+                    TailFrom::Latest
+                };
+                Ok(Cursor::Nats(Box::new(t.tail(channel, from).await?), None))
+            }
         }
     }
 
     /// Wake-ups for new messages on `channel`; take them BEFORE reading.
-    pub(crate) fn tail_changes(&self, channel: &ChannelName) -> Result<Changes> {
+    pub(crate) fn tail_changes(&self, channel: &ChannelName) -> Changes {
         match self {
-            Self::Sqlite(b) => Ok(Changes::Sqlite(b.changes())),
-            Self::Postgres(b) => Ok(Changes::Postgres(b.changes(channel))),
-            Self::Nats(_) => Err(self.unsupported("tail")),
+            Self::Sqlite(b) => Changes::Sqlite(b.changes()),
+            Self::Postgres(b) => Changes::Postgres(b.changes(channel)),
+            // The NATS follower waits in `tail_read` itself.
+            Self::Nats(_) => Changes::Never,
         }
     }
 
@@ -204,45 +207,26 @@ impl Broker {
                 }
                 Ok(batch)
             }
-            (Self::Nats(_), _) => Err(self.unsupported("tail")),
+            (Self::Nats(_), Cursor::Nats(tail, last)) => {
+                let mut batch = Vec::new();
+                // Wait a little for the first message, then take what is there.
+                let mut wait = NATS_WAIT;
+                while batch.len() < limit as usize {
+                    let Some(read) = tail.next(wait).await? else {
+                        break;
+                    };
+                    // The ordered consumer may redeliver after a reconnect: skip what
+                    // was printed already.
+                    if last.is_some_and(|l| read.0.offset <= l) {
+                        continue;
+                    }
+                    *last = Some(read.0.offset);
+                    batch.push(read);
+                    wait = Duration::from_millis(1);
+                }
+                Ok(batch)
+            }
             _ => bail!("internal error: a tail cursor of another broker"),
         }
-    }
-}
-
-/// A PostgreSQL broker's description in the shape `courier channels` prints.
-fn from_pg(c: courier::postgres::ChannelInfo) -> ChannelInfo {
-    ChannelInfo {
-        channel: c.channel,
-        partitions: c.partitions,
-        messages: c.messages,
-        partition_info: c
-            .partition_info
-            .into_iter()
-            .map(|p| PartitionInfo {
-                partition: p.partition,
-                messages: p.messages,
-                head: p.head,
-            })
-            .collect(),
-        groups: c
-            .groups
-            .into_iter()
-            .map(|g| GroupInfo {
-                group: g.group,
-                members: g.members,
-                lag: g.lag,
-                partitions: g
-                    .partitions
-                    .into_iter()
-                    .map(|p| GroupPartition {
-                        partition: p.partition,
-                        committed: p.committed,
-                        owner: p.owner,
-                        lag: p.lag,
-                    })
-                    .collect(),
-            })
-            .collect(),
     }
 }

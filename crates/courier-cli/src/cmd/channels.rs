@@ -3,7 +3,7 @@
 use super::broker::Broker;
 use super::common::{self, Access};
 use anyhow::{Result, bail};
-use courier::sqlite::ChannelInfo;
+use courier::core::admin::ChannelInfo;
 
 /// List channels with their partitions and message counts, and each consumer group's
 /// live members and lag.
@@ -21,7 +21,7 @@ Examples:
   courier channels --broker postgres://app@127.0.0.1/orders"
 )]
 pub(crate) struct Args {
-    /// The broker: sqlite:PATH or postgres://USER@HOST/DB
+    /// The broker: sqlite:PATH, postgres://USER@HOST/DB or nats://HOST:PORT
     #[arg(long, env = "COURIER_BROKER", default_value = common::DEFAULT_BROKER, value_name = "URL")]
     broker: String,
 

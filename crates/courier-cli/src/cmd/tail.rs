@@ -32,7 +32,7 @@ Examples:
   courier tail --channel orders --from-beginning --json --count 10 --timeout-ms 5000"
 )]
 pub(crate) struct Args {
-    /// The broker: sqlite:PATH or postgres://USER@HOST/DB
+    /// The broker: sqlite:PATH, postgres://USER@HOST/DB or nats://HOST:PORT
     #[arg(long, env = "COURIER_BROKER", default_value = common::DEFAULT_BROKER, value_name = "URL")]
     broker: String,
 
@@ -83,6 +83,7 @@ pub(crate) async fn run(args: Args, json: bool) -> Result<()> {
         Cursor::PerPartition(after) => eprintln!(
             "following channel {channel} after offsets {after:?} (per partition; Ctrl-C to stop)"
         ),
+        Cursor::Nats(..) => eprintln!("following channel {channel} (Ctrl-C to stop)"),
     }
 
     let timeout = args.timeout_ms.map(Duration::from_millis);
@@ -92,7 +93,7 @@ pub(crate) async fn run(args: Args, json: bool) -> Result<()> {
         return Ok(());
     }
     // Taken before each read, so a commit between the read and the wait is not missed.
-    let mut changes = broker.tail_changes(&channel)?;
+    let mut changes = broker.tail_changes(&channel);
     loop {
         let batch = broker
             .tail_read(&channel, &mut cursor, FETCH)

@@ -3,66 +3,9 @@
 
 use super::PgBroker;
 use courier_core::Result;
-use serde::Serialize;
 use sqlx::Row;
 
-/// One partition of a channel.
-#[derive(Debug, Clone, Serialize)]
-pub struct PartitionInfo {
-    /// Partition number.
-    pub partition: u32,
-    /// Messages stored in it (not yet pruned).
-    pub messages: u64,
-    /// Newest offset (0 when nothing was ever published).
-    pub head: u64,
-}
-
-/// One consumer group of a channel.
-#[derive(Debug, Clone, Serialize)]
-pub struct GroupInfo {
-    /// Group name.
-    pub group: String,
-    /// Live members (heartbeat within the session timeout, by the database's clock).
-    pub members: u64,
-    /// Messages not yet committed, over all partitions.
-    pub lag: u64,
-    /// Per partition.
-    pub partitions: Vec<GroupPartition>,
-}
-
-/// A group's view of one partition.
-#[derive(Debug, Clone, Serialize)]
-pub struct GroupPartition {
-    /// Partition number.
-    pub partition: u32,
-    /// Committed offset: every message up to it is done for this group.
-    pub committed: u64,
-    /// Owning member, if any.
-    pub owner: Option<String>,
-    /// Lease generation (grows each time the partition changes hands).
-    pub generation: u64,
-    /// Messages after the committed offset.
-    pub lag: u64,
-}
-
-/// A channel with its partitions and groups.
-#[derive(Debug, Clone, Serialize)]
-pub struct ChannelInfo {
-    /// Channel name.
-    pub channel: String,
-    /// Partition count.
-    pub partitions: u32,
-    /// Messages stored.
-    pub messages: u64,
-    /// Per partition.
-    pub partition_info: Vec<PartitionInfo>,
-    /// Consumer groups.
-    pub groups: Vec<GroupInfo>,
-}
-
-fn u(n: i64) -> u64 {
-    u64::try_from(n).unwrap_or(0)
-}
+pub use courier_core::admin::{ChannelInfo, GroupInfo, GroupPartition, PartitionInfo};
 
 impl PgBroker {
     /// Describe every channel (or only the one named `only`). Read-only; offsets are
@@ -151,4 +94,9 @@ impl PgBroker {
         }
         Ok(out)
     }
+}
+
+/// A count or offset read from a BIGINT column.
+fn u(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
 }

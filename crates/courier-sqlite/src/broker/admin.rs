@@ -2,60 +2,9 @@
 
 use super::SqliteBroker;
 use courier_core::Result;
-use serde::Serialize;
 use sqlx::Row;
 
-/// One partition of a channel.
-#[derive(Debug, Clone, Serialize)]
-pub struct PartitionInfo {
-    /// Partition number.
-    pub partition: u32,
-    /// Messages stored in it.
-    pub messages: u64,
-    /// Newest offset (0 when empty).
-    pub head: u64,
-}
-
-/// One consumer group of a channel.
-#[derive(Debug, Clone, Serialize)]
-pub struct GroupInfo {
-    /// Group name.
-    pub group: String,
-    /// Live members (heartbeat within the session timeout).
-    pub members: u64,
-    /// Messages not yet committed, over all partitions.
-    pub lag: u64,
-    /// Per partition: (partition, committed offset, owner, lag).
-    pub partitions: Vec<GroupPartition>,
-}
-
-/// A group's view of one partition.
-#[derive(Debug, Clone, Serialize)]
-pub struct GroupPartition {
-    /// Partition number.
-    pub partition: u32,
-    /// Committed offset.
-    pub committed: u64,
-    /// Owning member, if any.
-    pub owner: Option<String>,
-    /// Messages after the committed offset.
-    pub lag: u64,
-}
-
-/// A channel with its partitions and groups.
-#[derive(Debug, Clone, Serialize)]
-pub struct ChannelInfo {
-    /// Channel name.
-    pub channel: String,
-    /// Partition count.
-    pub partitions: u32,
-    /// Messages stored.
-    pub messages: u64,
-    /// Per partition.
-    pub partition_info: Vec<PartitionInfo>,
-    /// Consumer groups.
-    pub groups: Vec<GroupInfo>,
-}
+pub use courier_core::admin::{ChannelInfo, GroupInfo, GroupPartition, PartitionInfo};
 
 impl SqliteBroker {
     /// Describe every channel (or one).
@@ -111,7 +60,7 @@ impl SqliteBroker {
                 .await
                 .map_err(e())?;
                 let rows = sqlx::query(
-                    "SELECT g.partition, g.committed, g.owner,
+                    "SELECT g.partition, g.committed, g.owner, g.generation,
                        (SELECT count(*) FROM courier_log l WHERE l.channel = g.channel
                           AND l.partition = g.partition AND l.seq > g.committed) AS lag
                      FROM courier_groups g WHERE g.channel = ? AND g.grp = ? ORDER BY g.partition",
@@ -127,6 +76,7 @@ impl SqliteBroker {
                         partition: r.try_get::<i64, _>("partition").map_err(e())? as u32,
                         committed: r.try_get::<i64, _>("committed").map_err(e())? as u64,
                         owner: r.try_get("owner").map_err(e())?,
+                        generation: r.try_get::<i64, _>("generation").map_err(e())? as u64,
                         lag: r.try_get::<i64, _>("lag").map_err(e())? as u64,
                     });
                 }
