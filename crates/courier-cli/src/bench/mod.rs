@@ -70,12 +70,14 @@ handles each message with the inbox and records an effect. Reports end-to-end \
 throughput, commit -> handler latency (p50/p99/max), and, measured in the same run, the \
 raw limits of the backends without Courier:
   raw_commit_rate_per_s   single-row INSERT commits of the service database (SQLite: \
-autocommit on a held connection, same driver and --sync; PostgreSQL: autocommit on one \
-connection). On SQLite also BEGIN; INSERT; COMMIT per row (raw_tx_commit_rate_per_s) and \
+autocommit on a held connection, same driver and --sync; PostgreSQL: autocommit from as \
+many connections as --producers). On SQLite also BEGIN; INSERT; COMMIT per row (raw_tx_commit_rate_per_s) and \
 autocommit through a pool (raw_commit_rate_pool_per_s); see BENCHMARKS.md.
   raw_publish_rate_per_s  confirmed publishes of the broker's own client (NATS: JetStream \
 publishes with 256 acks in flight; PostgreSQL: single-row INSERT commits; embedded broker: \
 single-row commits on a file beside it).
+Then the relay alone (relay_only_msgs_per_s): --relay-messages outbox rows committed \
+first, published by a fresh relay, timed until the last one is confirmed.
 `lost` and `duplicates_applied` are counted from the consumer's database; the exit code \
 is non-zero unless both are 0. On PostgreSQL the bench uses (and drops afterwards) the \
 schemas courier_bench_producer, courier_bench_consumer and courier_bench_broker; on NATS a \
@@ -124,6 +126,10 @@ pub(crate) struct BenchArgs {
     /// Keep the databases in DIR (default: a temporary directory, removed afterwards)
     #[arg(long, value_name = "DIR")]
     pub(crate) dir: Option<PathBuf>,
+    /// Then measure the relay alone: commit this many outbox messages first, and time
+    /// the relay publishing them to the broker (0 skips it)
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    pub(crate) relay_messages: u64,
     /// Give up (and report what was lost) after this many seconds
     #[arg(long, default_value_t = 300)]
     pub(crate) timeout_secs: u64,
@@ -199,6 +205,10 @@ struct Report {
     raw_tx_commit_rate_per_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     throughput_vs_raw_tx: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    relay_only_msgs_per_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    relay_only_vs_raw_publish: Option<f64>,
     db: String,
     broker: String,
     relay: &'static str,
@@ -293,7 +303,13 @@ impl Setup {
 
     /// The raw limit of the service database: single-row commits per second, and on
     /// SQLite the pool and explicit-transaction variants.
-    async fn raw_db(&self, payload_bytes: usize) -> Result<(f64, Option<f64>, Option<f64>)> {
+    /// On PostgreSQL, `clients` connections commit at once (as many as the bench's
+    /// producers); SQLite serialises writers, so one connection is its limit.
+    async fn raw_db(
+        &self,
+        clients: usize,
+        payload_bytes: usize,
+    ) -> Result<(f64, Option<f64>, Option<f64>)> {
         match &self.db {
             DbSpec::Sqlite { .. } => {
                 let measure = async |file: &str, via| {
@@ -307,10 +323,15 @@ impl Setup {
             }
             DbSpec::Postgres { .. } => {
                 let url = self.db.pg_url(Side::Producer).unwrap_or_default();
-                let raw =
-                    courier::postgres::raw_commit_rate(&url, payload_bytes, RAW_DURATION, 1 << 30)
-                        .await
-                        .context("measuring the raw PostgreSQL commit rate")?;
+                let raw = courier::postgres::raw_commit_rate(
+                    &url,
+                    clients,
+                    payload_bytes,
+                    RAW_DURATION,
+                    1 << 30,
+                )
+                .await
+                .context("measuring the raw PostgreSQL commit rate")?;
                 Ok((raw, None, None))
             }
         }
@@ -338,6 +359,7 @@ impl Setup {
             .context("measuring the raw JetStream publish rate"),
             "postgres" | "postgresql" => courier::postgres::raw_commit_rate(
                 &self.broker_url,
+                1,
                 payload_bytes,
                 RAW_DURATION,
                 1 << 30,
@@ -435,6 +457,64 @@ pub(crate) async fn run(args: BenchArgs, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// The relay alone: `--relay-messages` rows committed to the outbox first, then a relay
+/// started and timed until it published them all. Messages per second.
+async fn relay_only<S: BenchStore>(
+    store: S,
+    broker: &Broker,
+    setup: &Setup,
+    args: &BenchArgs,
+) -> Result<f64> {
+    let channel = ChannelName::new(format!("{}-relay", setup.channel))?;
+    broker
+        .create_channel(&channel, args.partitions)
+        .await
+        .with_context(|| format!("creating the relay bench channel {channel}"))?;
+    let total = args.relay_messages;
+    let pad = "x".repeat(args.payload_bytes.saturating_sub(40));
+    let mut batch = Vec::with_capacity(500);
+    for n in 0..total {
+        let ping = Ping {
+            n,
+            ts_us: now_us(),
+            pad: pad.clone(),
+        };
+        batch.push(
+            JsonCodec::encode_to(&ping, &channel)?
+                .with_key(format!("key-{}", n % args.keys.max(1)))?,
+        );
+        if batch.len() == 500 || n + 1 == total {
+            store.fill_outbox(&batch).await?;
+            batch.clear();
+        }
+    }
+    let relay = Relay::new(store, broker.publisher());
+    let stats = relay.stats();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let started = Instant::now();
+    let running = tokio::spawn(relay.run(async move {
+        let _ = stopped.await;
+    }));
+    let deadline = started + Duration::from_secs(args.timeout_secs);
+    while stats.published.load(Ordering::Relaxed) < total {
+        if Instant::now() > deadline || running.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let published = stats.published.load(Ordering::Relaxed);
+    let _ = stop.send(());
+    running.await??;
+    if let Err(e) = broker.delete_channel(&channel).await {
+        eprintln!("bench: could not delete the relay bench channel {channel}: {e}");
+    }
+    if published < total {
+        bail!("the relay published only {published} of {total} messages within --timeout-secs");
+    }
+    Ok(total as f64 / seconds.max(1e-9))
+}
+
 /// The run itself, with the producer's service database `store`.
 async fn run_on<S: BenchStore>(
     store: S,
@@ -443,7 +523,9 @@ async fn run_on<S: BenchStore>(
     json: bool,
 ) -> Result<Report> {
     // 1. The raw references, on a quiet machine.
-    let (raw, raw_pool, raw_tx) = setup.raw_db(args.payload_bytes).await?;
+    let (raw, raw_pool, raw_tx) = setup
+        .raw_db(args.producers as usize, args.payload_bytes)
+        .await?;
     let raw_publish = setup.raw_broker(args.payload_bytes).await?;
 
     // 2. The broker with the channel.
@@ -453,11 +535,17 @@ async fn run_on<S: BenchStore>(
         .create_channel(&channel, args.partitions)
         .await
         .with_context(|| format!("creating the bench channel {channel}"))?;
-    let report = run_with_channel(store, &broker, setup, args, json, raw, raw_publish).await;
+    let report =
+        run_with_channel(store.clone(), &broker, setup, args, json, raw, raw_publish).await;
     if let Err(e) = broker.delete_channel(&channel).await {
         eprintln!("bench: could not delete the bench channel {channel}: {e}");
     }
     let mut report = report?;
+    if args.relay_messages > 0 {
+        let rate = relay_only(store, &broker, setup, args).await?;
+        report.relay_only_msgs_per_s = Some(rate);
+        report.relay_only_vs_raw_publish = Some(rate / report.raw_publish_rate_per_s);
+    }
     report.raw_commit_rate_pool_per_s = raw_pool;
     report.raw_tx_commit_rate_per_s = raw_tx;
     report.throughput_vs_raw_tx = raw_tx.map(|t| report.throughput_msgs_per_s / t);
@@ -630,6 +718,8 @@ async fn run_with_channel<S: BenchStore>(
         raw_commit_rate_pool_per_s: None,
         raw_tx_commit_rate_per_s: None,
         throughput_vs_raw_tx: None,
+        relay_only_msgs_per_s: None,
+        relay_only_vs_raw_publish: None,
         db: setup.db.describe(),
         broker: broker.describe(),
         relay: "polling",
@@ -692,6 +782,11 @@ fn print_human(r: &Report) {
         "  raw broker publish{:>10.0} /s     (same run, the broker's own client, confirmed)",
         r.raw_publish_rate_per_s
     );
+    if let (Some(rate), Some(ratio)) = (r.relay_only_msgs_per_s, r.relay_only_vs_raw_publish) {
+        println!(
+            "  relay alone       {rate:>10.0} msg/s  (outbox -> broker; ratio to raw publish {ratio:.2})"
+        );
+    }
     println!(
         "  commit -> handler p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
         r.latency_ms.p50, r.latency_ms.p99, r.latency_ms.max

@@ -246,6 +246,9 @@ pub(super) trait BenchStore: MessageStore + OutboxSource + Clone {
         message: Message,
     ) -> impl Future<Output = Result<()>> + Send;
 
+    /// Commit `messages` into the outbox in one transaction (no business row).
+    fn fill_outbox(&self, messages: &[Message]) -> impl Future<Output = Result<()>> + Send;
+
     /// Record that message `n` was handled, in the handler's transaction.
     fn record_effect(
         ctx: &HandlerContext<Self>,
@@ -256,6 +259,13 @@ pub(super) trait BenchStore: MessageStore + OutboxSource + Clone {
 }
 
 impl BenchStore for SqliteStore {
+    async fn fill_outbox(&self, messages: &[Message]) -> Result<()> {
+        let mut tx = self.begin().await?;
+        self.outbox().send_all(&mut tx, messages).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     async fn produce(&self, n: u64, body: &str, message: Message) -> Result<()> {
         let mut tx = self.begin().await?;
         sqlx::query("INSERT INTO business (n, body) VALUES (?, ?)")
@@ -285,6 +295,13 @@ impl BenchStore for SqliteStore {
 }
 
 impl BenchStore for PgStore {
+    async fn fill_outbox(&self, messages: &[Message]) -> Result<()> {
+        let mut tx = self.begin().await?;
+        self.outbox().send_all(&mut tx, messages).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     async fn produce(&self, n: u64, body: &str, message: Message) -> Result<()> {
         let mut tx = self.begin().await?;
         sqlx::query("INSERT INTO business (n, body) VALUES ($1, $2)")
