@@ -25,6 +25,26 @@ pub trait OutboxSource: Clone + Send + Sync + 'static {
         max_bytes: usize,
     ) -> impl Future<Output = Result<Vec<OutboxRow>>> + Send;
 
+    /// Like [`outbox_peek`](Self::outbox_peek), leaving out the rows `exclude` (a batch
+    /// being published while the next one is read). The default peeks `exclude.len()`
+    /// more rows and filters them; a source may do it in its query.
+    fn outbox_peek_excluding(
+        &self,
+        limit: u32,
+        max_bytes: usize,
+        exclude: &[i64],
+    ) -> impl Future<Output = Result<Vec<OutboxRow>>> + Send {
+        let extra = u32::try_from(exclude.len()).unwrap_or(u32::MAX);
+        let exclude: std::collections::HashSet<i64> = exclude.iter().copied().collect();
+        let bytes = max_bytes.saturating_mul(2);
+        async move {
+            let mut rows = self.outbox_peek(limit.saturating_add(extra), bytes).await?;
+            rows.retain(|r| !exclude.contains(&r.seq));
+            rows.truncate(limit as usize);
+            Ok(rows)
+        }
+    }
+
     /// Delete published rows if `holder` still holds the relay lease of `generation`
     /// (fencing); `false` when the lease was lost.
     fn outbox_delete(

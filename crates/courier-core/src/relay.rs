@@ -5,7 +5,7 @@
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::Message;
-use crate::outbox::OutboxSource;
+use crate::outbox::{OutboxRow, OutboxSource};
 use crate::transport::Publisher;
 use std::fmt;
 use std::future::Future;
@@ -189,14 +189,83 @@ impl<S: OutboxSource, P: Publisher> Relay<S, P> {
         Ok(())
     }
 
+    /// Publish batches back to back while there are rows, pipelined: while batch k is
+    /// published, the rows of batch k-1 (already confirmed) are deleted and batch k+1 is
+    /// read (leaving out the rows of k and k-1). Batches are still published one after
+    /// the other, so order holds; a crash or a lost lease in between leaves published
+    /// rows in place, to be published again (duplicates with the same id, never a gap).
+    /// Returns after at most [`DRAIN_BATCHES`] batches so the lease is renewed in time.
     async fn step(&self, me: &str, generation: i64) -> Result<Step> {
-        let rows = self
-            .store
-            .outbox_peek(self.config.batch_size, self.config.batch_bytes)
-            .await?;
-        if rows.is_empty() {
-            return Ok(Step::Published(0));
+        let (limit, bytes) = (self.config.batch_size, self.config.batch_bytes);
+        let mut batch = self.readable(self.store.outbox_peek(limit, bytes).await?)?;
+        let mut confirmed: Vec<i64> = Vec::new();
+        let mut total = 0usize;
+        for round in 0..DRAIN_BATCHES {
+            if batch.0.is_empty() {
+                break;
+            }
+            let (messages, seqs) = batch;
+            let mut exclude = seqs.clone();
+            exclude.extend_from_slice(&confirmed);
+            let last_round = round + 1 == DRAIN_BATCHES;
+            let (published, deleted, next) = tokio::join!(
+                self.publisher.publish(&messages),
+                self.delete(&confirmed, me, generation),
+                async {
+                    if last_round {
+                        Ok(Vec::new())
+                    } else {
+                        self.store
+                            .outbox_peek_excluding(limit, bytes, &exclude)
+                            .await
+                    }
+                },
+            );
+            if !deleted? {
+                return Ok(Step::Fenced);
+            }
+            total += confirmed.len();
+            published?;
+            confirmed = seqs;
+            // The batch just confirmed is deleted before any error about the next one
+            // is returned, so a bad next row does not make it publish again and again.
+            match next.and_then(|rows| self.readable(rows)) {
+                Ok(b) => batch = b,
+                Err(e) => {
+                    if self.delete(&confirmed, me, generation).await? {
+                        return Err(e);
+                    }
+                    return Ok(Step::Fenced);
+                }
+            }
         }
+        if !self.delete(&confirmed, me, generation).await? {
+            return Ok(Step::Fenced);
+        }
+        total += confirmed.len();
+        Ok(Step::Published(total))
+    }
+
+    /// Delete confirmed rows (fenced); counts them as published. `true` also when there
+    /// is nothing to delete.
+    async fn delete(&self, seqs: &[i64], me: &str, generation: i64) -> Result<bool> {
+        if seqs.is_empty() {
+            return Ok(true);
+        }
+        if !self.store.outbox_delete(seqs, me, generation).await? {
+            return Ok(false);
+        }
+        self.stats
+            .published
+            .fetch_add(seqs.len() as u64, Ordering::Relaxed);
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// The messages of `rows` up to the first row that cannot be read, with their seqs.
+    /// A row another program wrote badly would fail every time and block the outbox: when
+    /// it comes first, that is an error, loudly; it is never dropped silently.
+    fn readable(&self, rows: Vec<OutboxRow>) -> Result<(Vec<Message>, Vec<i64>)> {
         let mut messages: Vec<Message> = Vec::with_capacity(rows.len());
         let mut seqs = Vec::with_capacity(rows.len());
         for row in rows {
@@ -206,8 +275,6 @@ impl<S: OutboxSource, P: Publisher> Relay<S, P> {
                     seqs.push(row.seq);
                 }
                 Err(reason) => {
-                    // A row another program wrote badly: publishing it would fail every time
-                    // and block the outbox. Stop here, loudly; never drop it silently.
                     self.stats.unreadable.fetch_add(1, Ordering::Relaxed);
                     if messages.is_empty() {
                         return Err(Error::new(
@@ -223,17 +290,12 @@ impl<S: OutboxSource, P: Publisher> Relay<S, P> {
                 }
             }
         }
-        self.publisher.publish(&messages).await?;
-        if !self.store.outbox_delete(&seqs, me, generation).await? {
-            return Ok(Step::Fenced);
-        }
-        self.stats
-            .published
-            .fetch_add(seqs.len() as u64, Ordering::Relaxed);
-        self.stats.batches.fetch_add(1, Ordering::Relaxed);
-        Ok(Step::Published(seqs.len()))
+        Ok((messages, seqs))
     }
 }
+
+/// Most batches one [`Relay::step`] publishes before the lease is checked again.
+const DRAIN_BATCHES: usize = 8;
 
 enum Step {
     Published(usize),
