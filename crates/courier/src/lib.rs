@@ -10,7 +10,8 @@
 //! - `sqlite` (default): [`sqlite::SqliteStore`] (outbox, inbox, dead letters) and the
 //!   embedded broker [`sqlite::SqliteBroker`];
 //! - `postgres`: `postgres::PgStore`, the same service-database API on PostgreSQL;
-//! - `nats`: the NATS JetStream transport (`nats::NatsTransport`).
+//! - `nats`: the NATS JetStream transport (`nats::NatsTransport`);
+//! - `amqp`: the RabbitMQ transport (`amqp::AmqpTransport`).
 //!
 //! The [`Relay`] publishes any store's outbox through any [`Publisher`].
 //!
@@ -51,6 +52,10 @@ pub use courier_postgres as postgres;
 /// NATS JetStream: a partitioned transport with consumer groups.
 #[cfg(feature = "nats")]
 pub use courier_nats as nats;
+
+/// RabbitMQ: a partitioned transport (one stream per partition) with consumer groups.
+#[cfg(feature = "amqp")]
+pub use courier_amqp as amqp;
 
 /// The README's code, compiled as doctests so the tour never drifts from the API.
 #[cfg(doctest)]
