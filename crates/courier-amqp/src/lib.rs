@@ -86,9 +86,11 @@ mod names;
 mod publish;
 #[cfg(test)]
 mod recovery_tests;
+mod reference;
 mod topology;
 
 pub use config::AmqpConfig;
+pub use reference::raw_publish_rate;
 
 use courier_core::transport::BoxFuture;
 use courier_core::{

@@ -16,7 +16,8 @@ use std::process::ExitCode;
 outbox, an idempotent inbox and an embedded SQLite broker.
 
 Brokers and service databases are given as URLs: sqlite:PATH (the embedded default), \
-postgres://USER[:PASSWORD]@HOST[:PORT]/DB, nats://HOST:PORT (brokers only); each command's \
+postgres://USER[:PASSWORD]@HOST[:PORT]/DB, nats://HOST:PORT and amqp://USER:PASSWORD@HOST:PORT/VHOST \
+(brokers only); each command's \
 --help says which it accepts. --broker defaults to $COURIER_BROKER, else sqlite:.courier/broker.db; \
 --db defaults to $COURIER_DB.
 

@@ -74,26 +74,28 @@ autocommit on a held connection, same driver and --sync; PostgreSQL: autocommit 
 many connections as --producers). On SQLite also BEGIN; INSERT; COMMIT per row (raw_tx_commit_rate_per_s) and \
 autocommit through a pool (raw_commit_rate_pool_per_s); see BENCHMARKS.md.
   raw_publish_rate_per_s  confirmed publishes of the broker's own client (NATS: JetStream \
-publishes with 256 acks in flight; PostgreSQL: single-row INSERT commits; embedded broker: \
+publishes with 256 acks in flight; RabbitMQ: persistent publishes to a stream with 256 \
+confirms in flight; PostgreSQL: single-row INSERT commits; embedded broker: \
 single-row commits on a file beside it).
 Then the relay alone (relay_only_msgs_per_s): --relay-messages outbox rows committed \
 first, published by a fresh relay, timed until the last one is confirmed.
 `lost` and `duplicates_applied` are counted from the consumer's database; the exit code \
 is non-zero unless both are 0. On PostgreSQL the bench uses (and drops afterwards) the \
 schemas courier_bench_producer, courier_bench_consumer and courier_bench_broker; on NATS a \
-stream for a fresh channel bench-<id>, deleted afterwards.
+stream for a fresh channel bench-<id>, on RabbitMQ its streams, deleted afterwards.
 
 Examples:
   courier bench --messages 20000
   courier bench --messages 5000 --rate 1000 --json     # steady load, latency focus
-  courier bench --db postgres://postgres@127.0.0.1/test --broker nats://127.0.0.1:4222 --json"
+  courier bench --db postgres://postgres@127.0.0.1/test --broker nats://127.0.0.1:4222 --json
+  courier bench --db postgres://postgres@127.0.0.1/test --broker amqp://guest:guest@127.0.0.1:5672/%2f"
 )]
 pub(crate) struct BenchArgs {
     /// Service databases: sqlite (files in --dir, the default) or postgres://USER@HOST/DB
     #[arg(long, value_name = "URL")]
     pub(crate) db: Option<String>,
-    /// Broker: sqlite:PATH (default: broker.db in --dir), nats://HOST:PORT or
-    /// postgres://USER@HOST/DB
+    /// Broker: sqlite:PATH (default: broker.db in --dir), nats://HOST:PORT,
+    /// amqp://USER:PASSWORD@HOST:PORT/VHOST or postgres://USER@HOST/DB
     #[arg(long, value_name = "URL")]
     pub(crate) broker: Option<String>,
     /// Messages to send end to end
@@ -357,6 +359,14 @@ impl Setup {
             )
             .await
             .context("measuring the raw JetStream publish rate"),
+            "amqp" => courier::amqp::raw_publish_rate(
+                &self.broker_url,
+                payload_bytes,
+                RAW_DURATION,
+                1 << 30,
+            )
+            .await
+            .context("measuring the raw RabbitMQ confirm rate"),
             "postgres" | "postgresql" => courier::postgres::raw_commit_rate(
                 &self.broker_url,
                 1,

@@ -2,6 +2,7 @@
 
 use super::common::{Access, open_broker, redact};
 use anyhow::{Context, Result, bail};
+use courier::amqp::AmqpTransport;
 use courier::core::admin::ChannelInfo;
 use courier::core::{ChannelName, Malformed, Message, Position, Publisher, Subscriber};
 use courier::nats::NatsTransport;
@@ -23,6 +24,8 @@ pub(crate) enum Broker {
     Nats(NatsTransport),
     /// PostgreSQL as a broker (tables in the URL's current schema).
     Postgres(PgBroker),
+    /// RabbitMQ (a stream per partition).
+    Amqp(AmqpTransport),
 }
 
 /// Where `courier tail` is in a channel.
@@ -75,6 +78,11 @@ impl Broker {
                     .await
                     .context("cannot connect to the NATS broker")?,
             )),
+            "amqp" | "amqps" => Ok(Self::Amqp(
+                AmqpTransport::connect(url)
+                    .await
+                    .context("cannot connect to the RabbitMQ broker")?,
+            )),
             "postgres" | "postgresql" => Ok(Self::Postgres(
                 PgBroker::connect(url)
                     .await
@@ -90,6 +98,7 @@ impl Broker {
             Self::Sqlite(b) => b.path().display().to_string(),
             Self::Nats(t) => redact(&t.config().url),
             Self::Postgres(b) => redact(&b.config().url),
+            Self::Amqp(t) => redact(&t.config().url),
         }
     }
 
@@ -99,6 +108,7 @@ impl Broker {
             Self::Sqlite(b) => Arc::new(b.clone()),
             Self::Nats(t) => Arc::new(t.clone()),
             Self::Postgres(b) => Arc::new(b.clone()),
+            Self::Amqp(t) => Arc::new(t.clone()),
         }
     }
 
@@ -108,6 +118,7 @@ impl Broker {
             Self::Sqlite(b) => Arc::new(b.clone()),
             Self::Nats(t) => Arc::new(t.clone()),
             Self::Postgres(b) => Arc::new(b.clone()),
+            Self::Amqp(t) => Arc::new(t.clone()),
         }
     }
 
@@ -121,6 +132,7 @@ impl Broker {
             Self::Sqlite(b) => b.create_channel(channel, partitions).await,
             Self::Nats(t) => t.create_channel(channel, partitions).await,
             Self::Postgres(b) => b.create_channel(channel, partitions).await,
+            Self::Amqp(t) => t.create_channel(channel, partitions).await,
         }
     }
 
@@ -130,7 +142,19 @@ impl Broker {
         match self {
             Self::Sqlite(_) | Self::Postgres(_) => Ok(()),
             Self::Nats(t) => t.delete_channel(channel).await,
+            Self::Amqp(t) => t.delete_channel(channel).await,
         }
+    }
+
+    /// An error for a command this backend cannot serve yet, with what to use instead.
+    fn unsupported(&self, command: &str) -> anyhow::Error {
+        anyhow::anyhow!(
+            "`courier {command}` is not available for RabbitMQ brokers ({}) yet; it works \
+             with sqlite:PATH, postgres:// and nats:// brokers (for RabbitMQ, \
+             `rabbitmqctl list_queues name messages consumers` shows Courier's streams \
+             courier:<channel>:p<N>)",
+            self.describe()
+        )
     }
 
     /// Channels, partitions, groups, owners and lag (`courier channels`).
@@ -140,6 +164,7 @@ impl Broker {
             Self::Sqlite(b) => b.describe(only).await.with_context(what),
             Self::Postgres(b) => b.describe(only).await.with_context(what),
             Self::Nats(t) => t.describe(only).await.with_context(what),
+            Self::Amqp(_) => Err(self.unsupported("channels")),
         }
     }
 
@@ -168,6 +193,7 @@ impl Broker {
                 };
                 Ok(Cursor::Nats(Box::new(t.tail(channel, from).await?), None))
             }
+            Self::Amqp(_) => Err(self.unsupported("tail")),
         }
     }
 
@@ -177,7 +203,7 @@ impl Broker {
             Self::Sqlite(b) => Changes::Sqlite(b.changes()),
             Self::Postgres(b) => Changes::Postgres(b.changes(channel)),
             // The NATS follower waits in `tail_read` itself.
-            Self::Nats(_) => Changes::Never,
+            Self::Nats(_) | Self::Amqp(_) => Changes::Never,
         }
     }
 

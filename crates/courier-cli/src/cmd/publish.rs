@@ -28,7 +28,7 @@ Examples:
   courier publish --broker nats://127.0.0.1:4222 --channel orders --partitions 8 --key order-1 '{\"id\":1}'"
 )]
 pub(crate) struct Args {
-    /// The broker: sqlite:PATH, nats://HOST:PORT or postgres://USER@HOST/DB
+    /// The broker: sqlite:PATH, nats://HOST:PORT, amqp://USER:PASSWORD@HOST:PORT/VHOST or postgres://USER@HOST/DB
     #[arg(long, env = "COURIER_BROKER", default_value = common::DEFAULT_BROKER, value_name = "URL")]
     broker: String,
 

@@ -1,8 +1,8 @@
 //! The CLI on every broker and service database by URL: `courier bench` end to end with
-//! PostgreSQL service databases and NATS JetStream / PostgreSQL brokers, and `publish`,
-//! `channels`, `tail` on a PostgreSQL broker. Needs COURIER_TEST_POSTGRES_URL and
-//! COURIER_TEST_NATS_URL (set by `.ci/run`); without them the tests skip, except under CI
-//! where they fail.
+//! PostgreSQL service databases and NATS JetStream / RabbitMQ / PostgreSQL brokers, and
+//! `publish`, `channels`, `tail` on PostgreSQL and NATS brokers. Needs
+//! COURIER_TEST_POSTGRES_URL, COURIER_TEST_NATS_URL and COURIER_TEST_AMQP_URL (set by
+//! `.ci/run`); without them the tests skip, except under CI where they fail.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use serde_json::Value;
@@ -28,6 +28,13 @@ fn pg() -> Option<String> {
 
 fn nats() -> Option<String> {
     env_url("COURIER_TEST_NATS_URL", "nats://127.0.0.1:4222")
+}
+
+fn amqp() -> Option<String> {
+    env_url(
+        "COURIER_TEST_AMQP_URL",
+        "amqp://guest:guest@127.0.0.1:5672/%2f",
+    )
 }
 
 fn courier(args: &[&str]) -> Output {
@@ -109,6 +116,19 @@ fn bench_on_postgres_with_nats() {
     let report = bench(&["--db", &pg, "--broker", &nats]);
     assert!(report["db"].as_str().unwrap().starts_with("postgres://"));
     assert!(report["broker"].as_str().unwrap().starts_with("nats://"));
+}
+
+#[test]
+fn bench_on_postgres_with_rabbitmq() {
+    let (Some(pg), Some(amqp)) = (pg(), amqp()) else {
+        return;
+    };
+    let report = bench(&["--db", &pg, "--broker", &amqp]);
+    assert!(report["broker"].as_str().unwrap().starts_with("amqp://"));
+    assert!(
+        !report["broker"].as_str().unwrap().contains("guest:guest"),
+        "the password is redacted: {report}"
+    );
 }
 
 #[test]
