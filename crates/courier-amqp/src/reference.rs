@@ -87,7 +87,7 @@ pub async fn raw_publish_rate(
     };
     let rate = run.await;
     topology::close(&ch).await;
-    if let Err(e) = topology::delete_queues(&conn, &[queue.clone()]).await {
+    if let Err(e) = topology::delete_queues(&conn, std::slice::from_ref(&queue)).await {
         tracing::warn!(queue = %queue, error = %e, "could not delete the scratch stream");
     }
     let _ = conn.close(200, ShortString::from("bye")).await;

@@ -50,6 +50,7 @@ mod reference;
 mod schema;
 mod source;
 mod store;
+mod tailing;
 
 pub use broker::{
     ChannelInfo, GroupInfo, GroupPartition, PartitionInfo, PgBroker, PgBrokerChanges,
@@ -60,6 +61,7 @@ pub use error::redact_url;
 pub use outbox::{Outbox, OutboxTarget};
 pub use reference::raw_commit_rate;
 pub use store::PgStore;
+pub use tailing::PgLogTailing;
 
 use bytes::Bytes;
 use courier_core::{Headers, Message, MessageId};

@@ -20,6 +20,7 @@
 
 mod factory;
 mod member;
+pub mod relay_suite;
 pub mod suite;
 mod support;
 

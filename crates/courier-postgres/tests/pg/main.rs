@@ -1,6 +1,7 @@
 //! Courier on a real PostgreSQL service database (a schema per test), with the embedded
-//! SQLite broker as the transport: inbox, retries, dead letters, parking, redrive, the
-//! relay (order, fencing, take-over, LISTEN/NOTIFY wake-ups) and connection errors.
+//! SQLite broker as the transport: inbox, retries, dead letters, parking, redrive, outbox
+//! writes, LISTEN/NOTIFY wake-ups and connection errors. The relay itself (order,
+//! fencing, take-over) runs the shared relay suite in tests/relay.
 //!
 //! Needs `COURIER_TEST_POSTGRES_URL` (e.g. `postgres://postgres@127.0.0.1/test`); without
 //! it the tests skip, except under `CI`, where they fail.
@@ -233,7 +234,7 @@ async fn inbox_records_in_one_statement_and_prunes_in_batches() {
     assert!(!e.store.inbox_contains("s", "m0").await.unwrap());
 }
 
-// ---- the relay ----------------------------------------------------------------------------
+// ---- the outbox and its wake-ups -------------------------------------------------------------
 
 async fn write_outbox(store: &PgStore, channel: &ChannelName, from: u32, to: u32) -> Vec<Message> {
     let mut all = Vec::new();
@@ -260,23 +261,20 @@ async fn published(broker: &SqliteBroker, channel: &ChannelName) -> Vec<String> 
         .collect()
 }
 
-fn ids(messages: &[Message]) -> Vec<String> {
-    messages.iter().map(|m| m.id.to_string()).collect()
-}
-
+/// Writing to the outbox (the relay itself runs the shared relay suite in tests/relay):
+/// `send_all` inside a transaction, a rolled-back send leaves nothing, refusals happen
+/// before anything is written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relay_publishes_in_commit_order_then_empties_the_outbox() {
+async fn outbox_writes_join_the_transaction_and_refuse_bad_messages() {
     let Some(e) = env().await else { return };
-    let (store, broker, ch) = (&e.store, &e.broker, ChannelName::new("orders").unwrap());
-    let mut sent = write_outbox(store, &ch, 0, 200).await;
-    // send_all on a connection inside a transaction; a rolled-back send leaves nothing.
-    let batch: Vec<Message> = (200..300)
+    let (store, ch) = (&e.store, ChannelName::new("orders").unwrap());
+    write_outbox(store, &ch, 0, 2).await;
+    let batch: Vec<Message> = (2..5)
         .map(|i| Message::new(format!("{i}")).to(ch.clone()))
         .collect();
     let mut tx = store.begin().await.unwrap();
     store.outbox().send_all(&mut *tx, &batch).await.unwrap();
     tx.commit().await.unwrap();
-    sent.extend(batch);
     let mut tx = store.begin().await.unwrap();
     store
         .outbox()
@@ -284,7 +282,6 @@ async fn relay_publishes_in_commit_order_then_empties_the_outbox() {
         .await
         .unwrap();
     tx.rollback().await.unwrap();
-    // Refused before anything is written: no channel, too large.
     let mut tx = store.begin().await.unwrap();
     assert!(
         store
@@ -303,162 +300,18 @@ async fn relay_publishes_in_commit_order_then_empties_the_outbox() {
             .is_err()
     );
     drop(tx);
-    assert_eq!(store.outbox_len().await.unwrap(), 300);
-
-    let relay = Relay::new(store.clone(), broker.clone());
-    let stats = relay.stats();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let h = tokio::spawn(relay.run(async move {
-        let _ = stopped.await;
-    }));
-    wait_until(T, "outbox empty", || async {
-        store.outbox_len().await.unwrap() == 0
-    })
-    .await;
-    assert_eq!(
-        published(broker, &ch).await,
-        ids(&sent),
-        "the broker has every message once, in commit order"
-    );
-    assert_eq!(stats.published.load(Ordering::Relaxed), 300);
-    let more = write_outbox(store, &ch, 300, 301).await;
-    wait_until(T, "late message relayed", || async {
-        published(broker, &ch).await.len() == 301
-    })
-    .await;
-    assert_eq!(published(broker, &ch).await.last(), Some(&ids(&more)[0]));
-    stop.send(()).unwrap();
-    h.await.unwrap().unwrap();
-    // A clean stop gives the lease up: anyone takes it at once, with a new generation.
-    assert_eq!(store.relay_lease("next", 1_000).await.unwrap(), Some(2));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_row_whose_transaction_commits_late_is_not_skipped() {
-    let Some(e) = env().await else { return };
-    let (store, broker, ch) = (&e.store, &e.broker, ChannelName::new("orders").unwrap());
-    // A takes the lower seq but commits after B: a high-water mark would skip A forever.
-    let a = Message::new("a").to(ch.clone());
-    let b = Message::new("b").to(ch.clone());
-    let mut tx_a = store.begin().await.unwrap();
-    store.outbox().send(&mut tx_a, a.clone()).await.unwrap();
-    let mut tx_b = store.begin().await.unwrap();
-    store.outbox().send(&mut tx_b, b.clone()).await.unwrap();
-    tx_b.commit().await.unwrap();
-    let relay = Relay::new(store.clone(), broker.clone());
-    let h = tokio::spawn(relay.run(std::future::pending::<()>()));
-    wait_until(T, "b relayed", || async {
-        published(broker, &ch).await == ids(std::slice::from_ref(&b))
-    })
-    .await;
-    tx_a.commit().await.unwrap();
-    wait_until(T, "a relayed too", || async {
-        published(broker, &ch).await.len() == 2
-    })
-    .await;
-    assert_eq!(published(broker, &ch).await, ids(&[b, a]));
-    wait_until(T, "outbox empty", || async {
-        store.outbox_len().await.unwrap() == 0
-    })
-    .await;
-    h.abort();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn standby_takes_over_when_the_active_relay_dies() {
-    let Some(e) = env().await else { return };
-    let (store, broker, ch) = (&e.store, &e.broker, ChannelName::new("orders").unwrap());
-    let cfg = |name: &str| {
-        RelayConfig::default()
-            .lease_ttl(Duration::from_millis(300))
-            .instance(name)
-    };
-    let a = Relay::new(store.clone(), broker.clone()).with_config(cfg("a"));
-    let a_stats = a.stats();
-    let a_task = tokio::spawn(a.run(std::future::pending::<()>()));
-    wait_until(T, "a active", || async {
-        a_stats.leases_taken.load(Ordering::Relaxed) == 1
-    })
-    .await;
-    let b = Relay::new(store.clone(), broker.clone()).with_config(cfg("b"));
-    let b_stats = b.stats();
-    let b_task = tokio::spawn(b.run(std::future::pending::<()>()));
-    write_outbox(store, &ch, 0, 50).await;
-    wait_until(T, "first batch relayed by a", || async {
-        store.outbox_len().await.unwrap() == 0
-    })
-    .await;
-    assert_eq!(
-        b_stats.published.load(Ordering::Relaxed),
-        0,
-        "b stands by while a lives"
-    );
-
-    // Kill a: no clean release; b must take over after the lease expires.
-    a_task.abort();
-    let killed_at = std::time::Instant::now();
-    write_outbox(store, &ch, 50, 100).await;
-    wait_until(T, "b took over", || async {
-        store.outbox_len().await.unwrap() == 0
-    })
-    .await;
-    assert!(
-        killed_at.elapsed() < Duration::from_secs(3),
-        "takeover took {:?}",
-        killed_at.elapsed()
-    );
-    assert_eq!(b_stats.leases_taken.load(Ordering::Relaxed), 1);
-    assert!(b_stats.published.load(Ordering::Relaxed) > 0);
-    assert_eq!(
-        published(broker, &ch).await.len(),
-        100,
-        "no loss, no duplicate on a clean hand-over"
-    );
-    b_task.abort();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fenced_relay_cannot_delete() {
-    let Some(e) = env().await else { return };
-    let (store, ch) = (&e.store, ChannelName::new("orders").unwrap());
-    write_outbox(store, &ch, 0, 3).await;
-    let g1 = store.relay_lease("old", 50).await.unwrap().unwrap();
-    assert_eq!(
-        store.relay_lease("old", 50).await.unwrap(),
-        Some(g1),
-        "renewing keeps the generation"
-    );
-    // The old holder stalls past its lease; a new relay takes over with a new generation.
-    wait_until(T, "new relay takes the expired lease", || async {
-        store.relay_lease("new", 5_000).await.unwrap().is_some()
-    })
-    .await;
-    let g2 = store.relay_lease("new", 5_000).await.unwrap().unwrap();
-    assert!(g2 > g1);
-    let seqs: Vec<i64> = store
+    assert_eq!(store.outbox_len().await.unwrap(), 5);
+    let ids: Vec<String> = store
         .outbox_peek(10, 1 << 20)
         .await
         .unwrap()
-        .iter()
-        .map(|r| r.seq)
+        .into_iter()
+        .map(|r| r.message.unwrap().id.to_string())
         .collect();
-    assert_eq!(seqs.len(), 3);
-    assert!(
-        !store.outbox_delete(&seqs, "old", g1).await.unwrap(),
-        "stale generation must be refused"
-    );
-    assert_eq!(store.outbox_len().await.unwrap(), 3);
     assert_eq!(
-        store.relay_lease("old", 50).await.unwrap(),
-        None,
-        "a live lease is not stolen"
+        ids[2..],
+        batch.iter().map(|m| m.id.to_string()).collect::<Vec<_>>()[..]
     );
-    // The holder deletes; deleting rows already gone is not a lost lease.
-    assert!(store.outbox_delete(&seqs[..1], "new", g2).await.unwrap());
-    assert!(store.outbox_delete(&seqs[..1], "new", g2).await.unwrap());
-    assert_eq!(store.outbox_len().await.unwrap(), 2);
-    // The byte bound still returns at least one row.
-    assert_eq!(store.outbox_peek(10, 0).await.unwrap().len(), 1);
 }
 
 /// Whether the store's `LISTEN` connection is up (its application_name names the schema).

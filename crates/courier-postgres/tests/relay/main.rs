@@ -1,0 +1,204 @@
+//! The relay suite on PostgreSQL, twice: the polling source ([`PgStore`]: select, publish,
+//! delete, woken by LISTEN/NOTIFY) and the log-tailing source ([`PgLogTailing`]: a logical
+//! replication slot), each on a schema of its own, publishing to the embedded SQLite
+//! broker. Plus what only log tailing has: its slot (creation, lag, dropping).
+//!
+//! Needs `COURIER_TEST_POSTGRES_URL` (e.g. `postgres://postgres@127.0.0.1/test`) and, for
+//! log tailing, `wal_level = logical`; without the URL the tests skip, except under `CI`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use courier_core::{ChannelName, Message, OutboxSource};
+use courier_postgres::PgLogTailing;
+use courier_testkit::relay_suite::{OutboxFactory, RunningRelay};
+use std::time::Duration;
+use support::*;
+
+mod polling {
+    courier_testkit::relay_tests!(crate::support::PgFactory::polling());
+}
+
+mod log_tailing {
+    courier_testkit::relay_tests!(crate::support::PgFactory::tailing());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_slot_is_created_once_reports_its_lag_and_can_be_dropped() {
+    let Some(f) = PgFactory::tailing().await else {
+        return;
+    };
+    let slot = f.slot.clone().unwrap();
+    let a = f.tailing_source().await;
+    assert_eq!(a.slot_name(), slot);
+    assert!(a.describe().contains(&slot));
+    // Opening again is idempotent.
+    let b = PgLogTailing::with_slot(f.store.clone(), &slot)
+        .await
+        .unwrap();
+    assert!(b.lag_bytes().await.unwrap().is_some());
+    // The default name is stable, unique per schema and valid.
+    let name = PgLogTailing::default_slot_name(&f.store).await.unwrap();
+    assert_eq!(
+        name,
+        PgLogTailing::default_slot_name(&f.store).await.unwrap()
+    );
+    assert!(name.starts_with("courier_"), "{name}");
+    assert!(
+        PgLogTailing::with_slot(f.store.clone(), "Not-Valid")
+            .await
+            .is_err()
+    );
+
+    assert!(a.drop_slot().await.unwrap());
+    assert!(!a.drop_slot().await.unwrap(), "already gone");
+    assert_eq!(a.lag_bytes().await.unwrap(), None);
+    assert!(
+        !PgLogTailing::drop_slot_named(&f.store, &slot)
+            .await
+            .unwrap(),
+        "dropping a missing slot is not an error"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_outbox_lets_its_slot_move_on() {
+    let Some(f) = PgFactory::tailing().await else {
+        return;
+    };
+    let src = f.tailing_source().await;
+    let mut cfg = courier_core::RelayConfig::default().instance("idle");
+    cfg.poll_interval = Duration::from_millis(50);
+    let relay = RunningRelay::start(src.clone(), f.publisher(), cfg);
+    // WAL written elsewhere (another table) while the outbox is idle.
+    sqlx::query("CREATE TABLE noise (x TEXT)")
+        .execute(f.store.pool())
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        sqlx::query("INSERT INTO noise SELECT repeat('x', 1000) FROM generate_series(1, 100)")
+            .execute(f.store.pool())
+            .await
+            .unwrap();
+    }
+    let behind = src.lag_bytes().await.unwrap().unwrap();
+    assert!(behind > 100_000, "{behind}");
+    courier_testkit::wait_until(
+        Duration::from_secs(20),
+        "the slot caught up with the end of the log",
+        || async { src.lag_bytes().await.unwrap().unwrap() < behind / 2 },
+    )
+    .await;
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_row_fixed_or_deleted_in_the_table_is_relayed_or_skipped() {
+    let Some(f) = PgFactory::tailing().await else {
+        return;
+    };
+    let ch = ChannelName::new(courier_testkit::unique("fix")).unwrap();
+    let src = f.source().await.unwrap();
+    f.commit_unreadable(&ch).await.unwrap();
+    f.commit_unreadable(&ch).await.unwrap();
+    let good = Message::new("good").to(ch.clone());
+    f.commit(std::slice::from_ref(&good)).await.unwrap();
+    let relay = RunningRelay::start(src, f.publisher(), courier_core::RelayConfig::default());
+    courier_testkit::wait_until(Duration::from_secs(10), "bad row reported", || async {
+        relay
+            .stats
+            .unreadable
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    })
+    .await;
+    // The operator fixes the first (a valid id and headers) and deletes the second.
+    let fixed = Message::new("fixed").to(ch.clone());
+    let seqs: Vec<i64> = sqlx::query_scalar("SELECT seq FROM courier_outbox ORDER BY seq")
+        .fetch_all(f.store.pool())
+        .await
+        .unwrap();
+    sqlx::query("UPDATE courier_outbox SET message_id = $1, headers = $2 WHERE seq = $3")
+        .bind(fixed.id.to_string())
+        .bind(fixed.headers.to_json())
+        .bind(seqs[0])
+        .execute(f.store.pool())
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM courier_outbox WHERE seq = $1")
+        .bind(seqs[1])
+        .execute(f.store.pool())
+        .await
+        .unwrap();
+    courier_testkit::wait_until(
+        Duration::from_secs(10),
+        "fixed and good relayed",
+        || async { f.arrived(&ch).await.unwrap().len() == 2 },
+    )
+    .await;
+    let got: Vec<String> = f
+        .arrived(&ch)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.id.to_string())
+        .collect();
+    assert_eq!(got, vec![fixed.id.to_string(), good.id.to_string()]);
+    courier_testkit::wait_until(Duration::from_secs(10), "outbox empty", || async {
+        f.outbox_len().await.unwrap() == 0
+    })
+    .await;
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_slot_name_is_refused_with_the_rule() {
+    let Some(f) = PgFactory::polling().await else {
+        return;
+    };
+    let err = PgLogTailing::with_slot(f.store.clone(), "x".repeat(64).as_str())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("slot name"), "{err}");
+    assert!(!err.is_retryable());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_committed_before_the_slot_existed_are_relayed_first() {
+    let Some(f) = PgFactory::tailing_slot_later().await else {
+        return;
+    };
+    let ch = ChannelName::new(courier_testkit::unique("before")).unwrap();
+    let old: Vec<Message> = (0..5)
+        .map(|i| Message::new(format!("old{i}")).to(ch.clone()))
+        .collect();
+    f.commit(&old[..2]).await.unwrap();
+    f.commit(&old[2..]).await.unwrap();
+    let src = f.tailing_source().await;
+    let relay = RunningRelay::start(
+        src,
+        f.publisher(),
+        courier_core::RelayConfig::default().batch_size(2),
+    );
+    let new = vec![Message::new("new").to(ch.clone())];
+    f.commit(&new).await.unwrap();
+    let ids = |ms: &[Message]| ms.iter().map(|m| m.id.to_string()).collect::<Vec<_>>();
+    let expected: Vec<String> = ids(&old).into_iter().chain(ids(&new)).collect();
+    courier_testkit::wait_until(Duration::from_secs(10), "all relayed", || async {
+        f.arrived(&ch).await.unwrap().len() >= 6
+    })
+    .await;
+    assert_eq!(ids(&f.arrived(&ch).await.unwrap()), expected);
+    courier_testkit::wait_until(Duration::from_secs(10), "outbox empty", || async {
+        f.outbox_len().await.unwrap() == 0
+    })
+    .await;
+    relay.stop().await;
+    // Done once: a later source does not read the table again.
+    let again = f.tailing_source().await;
+    let more = vec![Message::new("more").to(ch.clone())];
+    f.commit(&more).await.unwrap();
+    let rows = again.outbox_peek(10, 1 << 20).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].message.as_ref().unwrap().id, more[0].id);
+}
