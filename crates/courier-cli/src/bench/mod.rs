@@ -11,8 +11,8 @@ mod side;
 use crate::cmd::broker::{Broker, scheme};
 use crate::cmd::common::Access;
 use anyhow::{Context, Result, bail};
-use courier::core::Relay;
-use courier::postgres::PgStore;
+use courier::core::{OutboxSource, Relay};
+use courier::postgres::{PgLogTailing, PgStore};
 use courier::sqlite::{SqliteBroker, SqliteBrokerConfig, Sync};
 use courier::{
     ChannelName, Contract, Dispatcher, DispatcherConfig, GroupName, HandlerContext, JsonCodec,
@@ -56,6 +56,24 @@ impl SyncArg {
     }
 }
 
+/// How the bench's relay reads the outbox.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RelayKind {
+    /// Select the oldest rows, publish, delete (woken by a signal or LISTEN/NOTIFY).
+    Polling,
+    /// PostgreSQL only: tail the write-ahead log through a logical replication slot.
+    LogTailing,
+}
+
+impl RelayKind {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Polling => "polling",
+            Self::LogTailing => "log-tailing",
+        }
+    }
+}
+
 /// Arguments of `courier bench`.
 #[derive(clap::Args, Debug)]
 #[command(
@@ -88,7 +106,8 @@ Examples:
   courier bench --messages 20000
   courier bench --messages 5000 --rate 1000 --json     # steady load, latency focus
   courier bench --db postgres://postgres@127.0.0.1/test --broker nats://127.0.0.1:4222 --json
-  courier bench --db postgres://postgres@127.0.0.1/test --broker amqp://guest:guest@127.0.0.1:5672/%2f"
+  courier bench --db postgres://postgres@127.0.0.1/test --broker amqp://guest:guest@127.0.0.1:5672/%2f
+  courier bench --db postgres://postgres@127.0.0.1/test --relay log-tailing --rate 200   # WAL tailing"
 )]
 pub(crate) struct BenchArgs {
     /// Service databases: sqlite (files in --dir, the default) or postgres://USER@HOST/DB
@@ -128,6 +147,10 @@ pub(crate) struct BenchArgs {
     /// Keep the databases in DIR (default: a temporary directory, removed afterwards)
     #[arg(long, value_name = "DIR")]
     pub(crate) dir: Option<PathBuf>,
+    /// How the relay reads the outbox: polling, or log-tailing (PostgreSQL --db only; a
+    /// replication slot is created for the run and dropped afterwards)
+    #[arg(long, value_enum, default_value = "polling", value_name = "HOW")]
+    pub(crate) relay: RelayKind,
     /// Then measure the relay alone: commit this many outbox messages first, and time
     /// the relay publishing them to the broker (0 skips it)
     #[arg(long, value_name = "N", default_value_t = 10_000)]
@@ -439,12 +462,41 @@ pub(crate) async fn run(args: BenchArgs, json: bool) -> Result<()> {
     }
     let outcome = match &setup.db {
         DbSpec::Sqlite { .. } => {
-            let store = setup.db.open_sqlite(Side::Producer).await?;
-            run_on(store.context("the producer database")?, &setup, &args, json).await
+            if args.relay == RelayKind::LogTailing {
+                bail!(
+                    "--relay log-tailing needs --db postgres://... (only PostgreSQL has \
+                     logical decoding); SQLite relays by polling"
+                );
+            }
+            let store = setup
+                .db
+                .open_sqlite(Side::Producer)
+                .await?
+                .context("the producer database")?;
+            run_on(store.clone(), store, &setup, &args, json).await
         }
         DbSpec::Postgres { .. } => {
-            let store = setup.db.open_pg(Side::Producer).await?;
-            run_on(store.context("the producer database")?, &setup, &args, json).await
+            let store = setup
+                .db
+                .open_pg(Side::Producer)
+                .await?
+                .context("the producer database")?;
+            match args.relay {
+                RelayKind::Polling => run_on(store.clone(), store, &setup, &args, json).await,
+                RelayKind::LogTailing => {
+                    // A slot left by an interrupted run points into a dropped schema.
+                    let slot = PgLogTailing::default_slot_name(&store).await?;
+                    PgLogTailing::drop_slot_named(&store, &slot).await?;
+                    let source = PgLogTailing::new(store.clone())
+                        .await
+                        .context("setting up log tailing (needs wal_level = logical)")?;
+                    let outcome = run_on(store, source.clone(), &setup, &args, json).await;
+                    if let Err(e) = source.drop_slot().await {
+                        eprintln!("bench: could not drop the replication slot {slot}: {e}");
+                    }
+                    outcome
+                }
+            }
         }
     };
     setup.db.cleanup().await;
@@ -469,8 +521,9 @@ pub(crate) async fn run(args: BenchArgs, json: bool) -> Result<()> {
 
 /// The relay alone: `--relay-messages` rows committed to the outbox first, then a relay
 /// started and timed until it published them all. Messages per second.
-async fn relay_only<S: BenchStore>(
+async fn relay_only<S: BenchStore, R: OutboxSource>(
     store: S,
+    source: R,
     broker: &Broker,
     setup: &Setup,
     args: &BenchArgs,
@@ -498,7 +551,7 @@ async fn relay_only<S: BenchStore>(
             batch.clear();
         }
     }
-    let relay = Relay::new(store, broker.publisher());
+    let relay = Relay::new(source, broker.publisher());
     let stats = relay.stats();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let started = Instant::now();
@@ -525,9 +578,11 @@ async fn relay_only<S: BenchStore>(
     Ok(total as f64 / seconds.max(1e-9))
 }
 
-/// The run itself, with the producer's service database `store`.
-async fn run_on<S: BenchStore>(
+/// The run itself, with the producer's service database `store` and its outbox read
+/// through `source` (the store itself when polling).
+async fn run_on<S: BenchStore, R: OutboxSource>(
     store: S,
+    source: R,
     setup: &Setup,
     args: &BenchArgs,
     json: bool,
@@ -545,14 +600,23 @@ async fn run_on<S: BenchStore>(
         .create_channel(&channel, args.partitions)
         .await
         .with_context(|| format!("creating the bench channel {channel}"))?;
-    let report =
-        run_with_channel(store.clone(), &broker, setup, args, json, raw, raw_publish).await;
+    let report = run_with_channel(
+        store.clone(),
+        source.clone(),
+        &broker,
+        setup,
+        args,
+        json,
+        raw,
+        raw_publish,
+    )
+    .await;
     if let Err(e) = broker.delete_channel(&channel).await {
         eprintln!("bench: could not delete the bench channel {channel}: {e}");
     }
     let mut report = report?;
     if args.relay_messages > 0 {
-        let rate = relay_only(store, &broker, setup, args).await?;
+        let rate = relay_only(store, source, &broker, setup, args).await?;
         report.relay_only_msgs_per_s = Some(rate);
         report.relay_only_vs_raw_publish = Some(rate / report.raw_publish_rate_per_s);
     }
@@ -562,8 +626,10 @@ async fn run_on<S: BenchStore>(
     Ok(report)
 }
 
-async fn run_with_channel<S: BenchStore>(
+#[allow(clippy::too_many_arguments)]
+async fn run_with_channel<S: BenchStore, R: OutboxSource>(
     store: S,
+    source: R,
     broker: &Broker,
     setup: &Setup,
     args: &BenchArgs,
@@ -615,11 +681,9 @@ async fn run_with_channel<S: BenchStore>(
 
     // 4. Relay in this process, like a service would run it.
     let (stop_relay, relay_stopped) = tokio::sync::oneshot::channel::<()>();
-    let relay = tokio::spawn(
-        Relay::new(store.clone(), broker.publisher()).run(async move {
-            let _ = relay_stopped.await;
-        }),
-    );
+    let relay = tokio::spawn(Relay::new(source, broker.publisher()).run(async move {
+        let _ = relay_stopped.await;
+    }));
 
     // 5. Producers.
     let progress = progress_bar(args.messages, json);
@@ -732,7 +796,7 @@ async fn run_with_channel<S: BenchStore>(
         relay_only_vs_raw_publish: None,
         db: setup.db.describe(),
         broker: broker.describe(),
-        relay: "polling",
+        relay: args.relay.name(),
         producers: args.producers,
         partitions: args.partitions,
         rate: args.rate,
