@@ -69,15 +69,27 @@
 //!   floors. Deliveries held across a reconnection can no longer be acked (their
 //!   `ack` fails with a transient error; they come again).
 //!
+//! - **Operators** (`courier channels`, `courier tail`):
+//!   [`AmqpTransport::describe`] and [`AmqpTransport::describe_group`] describe a channel
+//!   and a consumer group **by name** (AMQP 0-9-1 cannot list queues; only the
+//!   management plugin's HTTP API can, and this transport speaks AMQP only), with passive
+//!   declarations and by reading offsets from the streams: nothing is created, written
+//!   or committed. [`AmqpTransport::tail`] follows a channel without joining a group (a
+//!   stream consumer per partition, markers skipped, positions = partition and stream
+//!   offset).
+//!
 //! Needs RabbitMQ 3.9 or later (streams). TLS (`amqps://`) is not compiled in (no
 //! rustls provider is pulled into the build); such a URL is refused with a clear error.
 //!
 //! lapin logs a channel closed by the broker at error level; a member that probes a
 //! partition lock still held by its previous owner during a hand-over causes such a
-//! log line (`RESOURCE_LOCKED`): expected; add `lapin::channel=off` to the log filter
+//! log line (`RESOURCE_LOCKED`): expected; so does [`AmqpTransport::describe`] of a
+//! channel this process has not used yet (`PRECONDITION_FAILED`: the partition count is
+//! read from the refusal of a redeclaration). Add `lapin::channel=off` to the log filter
 //! if it is noise.
 #![deny(missing_docs)]
 
+mod admin;
 mod codec;
 mod config;
 mod error;
@@ -89,6 +101,7 @@ mod recovery_tests;
 mod reference;
 mod topology;
 
+pub use admin::{AmqpTail, AmqpTailFrom, TailRead};
 pub use config::AmqpConfig;
 pub use reference::raw_publish_rate;
 

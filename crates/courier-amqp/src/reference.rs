@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 const WINDOW: usize = 256;
 
 /// Publish `payload_bytes`-byte persistent messages to a scratch stream on the server at
-/// `url` for `duration` (or `max_messages`), [`WINDOW`] in flight, each confirmed
+/// `url` for `duration` (or `max_messages`), 256 messages in flight, each confirmed
 /// (publisher confirms), and return confirmed messages per second. The stream is
 /// deleted afterwards. A short warm-up runs first and is not counted.
 pub async fn raw_publish_rate(

@@ -3,7 +3,7 @@
 //! claims, and RabbitMQ drops them when the connection dies.
 
 mod acker;
-mod offsets;
+pub(crate) mod offsets;
 mod partition;
 mod progress;
 mod retry;

@@ -8,6 +8,7 @@
 //! its factory is dropped (and streams expire after an hour should a run be killed).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod admin;
 mod extra;
 mod support;
 

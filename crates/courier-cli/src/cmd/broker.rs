@@ -2,7 +2,7 @@
 
 use super::common::{Access, open_broker, redact};
 use anyhow::{Context, Result, bail};
-use courier::amqp::AmqpTransport;
+use courier::amqp::{AmqpTailFrom, AmqpTransport};
 use courier::core::admin::ChannelInfo;
 use courier::core::{ChannelName, Malformed, Message, Position, Publisher, Subscriber};
 use courier::nats::NatsTransport;
@@ -12,8 +12,8 @@ use courier::sqlite::SqliteBroker;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How long a NATS tail read waits for a first message.
-const NATS_WAIT: Duration = Duration::from_millis(250);
+/// How long a NATS or RabbitMQ tail read waits for a first message.
+const FOLLOWER_WAIT: Duration = Duration::from_millis(250);
 
 /// A broker of any backend this build has.
 #[derive(Debug, Clone)]
@@ -37,6 +37,8 @@ pub(crate) enum Cursor {
     PerPartition(Vec<u64>),
     /// A NATS follower (an ordered, ephemeral consumer) and the last position seen.
     Nats(Box<courier::nats::NatsTail>, Option<u64>),
+    /// A RabbitMQ follower (a group-less consumer per partition stream).
+    Amqp(Box<courier::amqp::AmqpTail>),
 }
 
 /// Wake-ups for new messages, for `courier tail`.
@@ -146,17 +148,6 @@ impl Broker {
         }
     }
 
-    /// An error for a command this backend cannot serve yet, with what to use instead.
-    fn unsupported(&self, command: &str) -> anyhow::Error {
-        anyhow::anyhow!(
-            "`courier {command}` is not available for RabbitMQ brokers ({}) yet; it works \
-             with sqlite:PATH, postgres:// and nats:// brokers (for RabbitMQ, \
-             `rabbitmqctl list_queues name messages consumers` shows Courier's streams \
-             courier:<channel>:p<N>)",
-            self.describe()
-        )
-    }
-
     /// Channels, partitions, groups, owners and lag (`courier channels`).
     pub(crate) async fn describe_channels(&self, only: Option<&str>) -> Result<Vec<ChannelInfo>> {
         let what = || format!("cannot describe the channels of {}", self.describe());
@@ -164,7 +155,8 @@ impl Broker {
             Self::Sqlite(b) => b.describe(only).await.with_context(what),
             Self::Postgres(b) => b.describe(only).await.with_context(what),
             Self::Nats(t) => t.describe(only).await.with_context(what),
-            Self::Amqp(_) => Err(self.unsupported("channels")),
+            // Named channels only: AMQP cannot list queues (the error says so).
+            Self::Amqp(t) => t.describe(only).await.with_context(what),
         }
     }
 
@@ -193,7 +185,14 @@ impl Broker {
                 };
                 Ok(Cursor::Nats(Box::new(t.tail(channel, from).await?), None))
             }
-            Self::Amqp(_) => Err(self.unsupported("tail")),
+            Self::Amqp(t) => {
+                let from = if from_beginning {
+                    AmqpTailFrom::Earliest
+                } else {
+                    AmqpTailFrom::Latest
+                };
+                Ok(Cursor::Amqp(Box::new(t.tail(channel, from).await?)))
+            }
         }
     }
 
@@ -202,7 +201,7 @@ impl Broker {
         match self {
             Self::Sqlite(b) => Changes::Sqlite(b.changes()),
             Self::Postgres(b) => Changes::Postgres(b.changes(channel)),
-            // The NATS follower waits in `tail_read` itself.
+            // The NATS and RabbitMQ followers wait in `tail_read` themselves.
             Self::Nats(_) | Self::Amqp(_) => Changes::Never,
         }
     }
@@ -236,7 +235,7 @@ impl Broker {
             (Self::Nats(_), Cursor::Nats(tail, last)) => {
                 let mut batch = Vec::new();
                 // Wait a little for the first message, then take what is there.
-                let mut wait = NATS_WAIT;
+                let mut wait = FOLLOWER_WAIT;
                 while batch.len() < limit as usize {
                     let Some(read) = tail.next(wait).await? else {
                         break;
@@ -247,6 +246,20 @@ impl Broker {
                         continue;
                     }
                     *last = Some(read.0.offset);
+                    batch.push(read);
+                    wait = Duration::from_millis(1);
+                }
+                Ok(batch)
+            }
+            (Self::Amqp(_), Cursor::Amqp(tail)) => {
+                let mut batch = Vec::new();
+                // Wait a little for the first message, then take what is there. The
+                // follower never redelivers: no positions to skip.
+                let mut wait = FOLLOWER_WAIT;
+                while batch.len() < limit as usize {
+                    let Some(read) = tail.next(wait).await? else {
+                        break;
+                    };
                     batch.push(read);
                     wait = Duration::from_millis(1);
                 }

@@ -18,10 +18,18 @@ partition_info and groups, each group with its per-partition committed offset, o
 Examples:
   courier channels --broker sqlite:broker.db
   courier channels --broker sqlite:broker.db --channel orders --json
-  courier channels --broker postgres://app@127.0.0.1/orders"
+  courier channels --broker postgres://app@127.0.0.1/orders
+  courier channels --broker amqp://guest:guest@127.0.0.1:5672/%2f --channel orders
+
+On RabbitMQ (amqp://), --channel is required: AMQP cannot list queues (only the \
+management plugin's HTTP API can, which Courier does not use), and a channel's consumer \
+groups cannot be found either, so no groups are shown. MESSAGES counts the offsets a \
+partition's stream retains, including one start marker per consumer group that started \
+at the end."
 )]
 pub(crate) struct Args {
-    /// The broker: sqlite:PATH, postgres://USER@HOST/DB or nats://HOST:PORT
+    /// The broker: sqlite:PATH, postgres://USER@HOST/DB, nats://HOST:PORT or
+    /// amqp://USER:PASSWORD@HOST:PORT/VHOST
     #[arg(long, env = "COURIER_BROKER", default_value = common::DEFAULT_BROKER, value_name = "URL")]
     broker: String,
 
@@ -36,11 +44,19 @@ pub(crate) async fn run(args: Args, json: bool) -> Result<()> {
     if let Some(name) = &args.channel
         && channels.is_empty()
     {
+        // RabbitMQ cannot list channels; the others can. The URL is shown without its
+        // password.
+        let listing = match broker {
+            Broker::Amqp(_) => String::new(),
+            _ => format!(
+                "; `courier channels --broker {}` lists the channels",
+                common::redact(&args.broker)
+            ),
+        };
         bail!(
-            "no channel {name:?} in broker {}; `courier channels --broker {}` lists the channels \
-             (a channel is created by its first publish or subscription)",
+            "no channel {name:?} in broker {}{listing} (a channel is created by its first \
+             publish or subscription)",
             broker.describe(),
-            args.broker
         );
     }
     if json {

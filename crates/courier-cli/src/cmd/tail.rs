@@ -29,10 +29,12 @@ is not a valid message prints {\"malformed\": reason, ...}.
 
 Examples:
   courier tail --broker sqlite:broker.db --channel orders
-  courier tail --channel orders --from-beginning --json --count 10 --timeout-ms 5000"
+  courier tail --channel orders --from-beginning --json --count 10 --timeout-ms 5000
+  courier tail --broker amqp://guest:guest@127.0.0.1:5672/%2f --channel orders"
 )]
 pub(crate) struct Args {
-    /// The broker: sqlite:PATH, postgres://USER@HOST/DB or nats://HOST:PORT
+    /// The broker: sqlite:PATH, postgres://USER@HOST/DB, nats://HOST:PORT or
+    /// amqp://USER:PASSWORD@HOST:PORT/VHOST
     #[arg(long, env = "COURIER_BROKER", default_value = common::DEFAULT_BROKER, value_name = "URL")]
     broker: String,
 
@@ -83,7 +85,9 @@ pub(crate) async fn run(args: Args, json: bool) -> Result<()> {
         Cursor::PerPartition(after) => eprintln!(
             "following channel {channel} after offsets {after:?} (per partition; Ctrl-C to stop)"
         ),
-        Cursor::Nats(..) => eprintln!("following channel {channel} (Ctrl-C to stop)"),
+        Cursor::Nats(..) | Cursor::Amqp(..) => {
+            eprintln!("following channel {channel} (Ctrl-C to stop)")
+        }
     }
 
     let timeout = args.timeout_ms.map(Duration::from_millis);

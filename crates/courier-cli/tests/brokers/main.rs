@@ -1,6 +1,6 @@
 //! The CLI on every broker and service database by URL: `courier bench` end to end with
 //! PostgreSQL service databases and NATS JetStream / RabbitMQ / PostgreSQL brokers, and
-//! `publish`, `channels`, `tail` on PostgreSQL and NATS brokers. Needs
+//! `publish`, `channels`, `tail` on PostgreSQL, NATS and RabbitMQ brokers. Needs
 //! COURIER_TEST_POSTGRES_URL, COURIER_TEST_NATS_URL and COURIER_TEST_AMQP_URL (set by
 //! `.ci/run`); without them the tests skip, except under CI where they fail.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -61,6 +61,8 @@ fn bench(extra: &[&str]) -> Value {
         "bench",
         "--messages",
         "300",
+        "--relay-messages",
+        "1000",
         "--keys",
         "20",
         "--timeout-secs",
@@ -119,6 +121,27 @@ fn bench_on_postgres_with_nats() {
 }
 
 #[test]
+fn bench_with_the_log_tailing_relay() {
+    let (Some(pg), Some(nats)) = (pg(), nats()) else {
+        return;
+    };
+    let report = bench(&["--db", &pg, "--broker", &nats, "--relay", "log-tailing"]);
+    assert_eq!(report["relay"], "log-tailing", "{report}");
+    assert!(report["relay_only_msgs_per_s"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn bench_refuses_log_tailing_on_sqlite() {
+    let out = courier(&["bench", "--messages", "1", "--relay", "log-tailing"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--relay log-tailing needs --db postgres://"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn bench_on_postgres_with_rabbitmq() {
     let (Some(pg), Some(amqp)) = (pg(), amqp()) else {
         return;
@@ -168,6 +191,9 @@ fn bench_refuses_an_unknown_database_scheme() {
 /// Publish three messages (two with one key), then check `channels` and `tail` on
 /// `broker`, where `channel` is a fresh channel.
 fn publish_channels_and_tail(broker: &str, channel: &str) {
+    // RabbitMQ's publisher confirms carry no stream offset: its receipts have no
+    // positions, so `publish` prints none (the tail below shows them).
+    let receipts_have_positions = !broker.starts_with("amqp://");
     let publish = |key: &str, payload: &str| {
         let out = courier(&[
             "publish",
@@ -191,17 +217,23 @@ fn publish_channels_and_tail(broker: &str, channel: &str) {
         );
         let v: Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(v["channel"], channel);
-        assert!(v["partition"].as_u64().unwrap() < 3, "{v}");
+        if receipts_have_positions {
+            assert!(v["partition"].as_u64().unwrap() < 3, "{v}");
+        } else {
+            assert!(v["partition"].is_null() && v["offset"].is_null(), "{v}");
+        }
         v
     };
     let first = publish("order-1", r#"{"n":1}"#);
     let second = publish("order-1", r#"{"n":2}"#);
     publish("order-2", r#"{"n":3}"#);
-    assert_eq!(
-        first["partition"], second["partition"],
-        "one key, one partition"
-    );
-    assert!(second["offset"].as_u64().unwrap() > first["offset"].as_u64().unwrap());
+    if receipts_have_positions {
+        assert_eq!(
+            first["partition"], second["partition"],
+            "one key, one partition"
+        );
+        assert!(second["offset"].as_u64().unwrap() > first["offset"].as_u64().unwrap());
+    }
 
     let out = courier(&[
         "channels",
@@ -257,6 +289,26 @@ fn publish_channels_and_tail(broker: &str, channel: &str) {
         .map(|l| l["payload"]["n"].as_i64().unwrap())
         .collect();
     assert_eq!(order_1, vec![1, 2], "per-key order in {lines:?}");
+    let order_1_partitions: Vec<u64> = lines
+        .iter()
+        .filter(|l| l["headers"]["partition-key"] == "order-1")
+        .map(|l| l["partition"].as_u64().unwrap())
+        .collect();
+    assert!(order_1_partitions[0] < 3, "{lines:?}");
+    assert_eq!(
+        order_1_partitions[0], order_1_partitions[1],
+        "one key, one partition: {lines:?}"
+    );
+    if receipts_have_positions {
+        assert_eq!(
+            lines
+                .iter()
+                .find(|l| l["payload"]["n"] == 1)
+                .map(|l| l["partition"].clone()),
+            Some(first["partition"].clone()),
+            "publish and tail agree on the partition: {lines:?}"
+        );
+    }
 }
 
 #[test]
@@ -292,6 +344,32 @@ fn publish_channels_and_tail_on_nats() {
     publish_channels_and_tail(&nats, &channel);
     tokio::runtime::Runtime::new().unwrap().block_on(async {
         let t = courier::nats::NatsTransport::connect(&nats).await.unwrap();
+        t.delete_channel(&courier::ChannelName::new(channel.as_str()).unwrap())
+            .await
+            .unwrap();
+    });
+}
+
+#[test]
+fn publish_channels_and_tail_on_rabbitmq() {
+    let Some(amqp) = amqp() else {
+        return;
+    };
+    let channel = format!("cli-orders-{}", unique());
+    publish_channels_and_tail(&amqp, &channel);
+
+    // Without --channel, RabbitMQ cannot list channels: a clear error saying what to pass.
+    let out = courier(&["channels", "--broker", &amqp, "--json"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--channel"), "{stderr}");
+    assert!(
+        !stderr.contains("guest:guest"),
+        "the password is redacted: {stderr}"
+    );
+
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let t = courier::amqp::AmqpTransport::connect(&amqp).await.unwrap();
         t.delete_channel(&courier::ChannelName::new(channel.as_str()).unwrap())
             .await
             .unwrap();
