@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use side::{BenchStore, DbSpec, Side};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
@@ -417,6 +417,15 @@ async fn raw_sqlite(
 
 /// Run the bench (or, with `--internal-consumer`, its consumer process).
 pub(crate) async fn run(args: BenchArgs, json: bool) -> Result<()> {
+    // Warnings (a server unreachable, retries) go to stderr, in both processes.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    // Fails only if a subscriber is already set, which is harmless.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
     if args.internal_consumer {
         return consumer(args).await;
     }
@@ -611,6 +620,11 @@ async fn run_on<S: BenchStore, R: OutboxSource>(
         raw_publish,
     )
     .await;
+    if let Ok(group) = GroupName::new(GROUP)
+        && let Err(e) = broker.delete_group(&channel, &group).await
+    {
+        eprintln!("bench: could not delete the consumer group {group} of {channel}: {e}");
+    }
     if let Err(e) = broker.delete_channel(&channel).await {
         eprintln!("bench: could not delete the bench channel {channel}: {e}");
     }
@@ -693,15 +707,19 @@ async fn run_with_channel<S: BenchStore, R: OutboxSource>(
     let start = tokio::time::Instant::now();
     let pad = "x".repeat(args.payload_bytes.saturating_sub(40));
     let mut producers = Vec::new();
+    // A producer that gave up ends the run now, not at --timeout-secs.
+    let producer_failed = Arc::new(AtomicBool::new(false));
     for _ in 0..args.producers {
-        let (store, channel, next, committed, pad) = (
+        let (store, channel, next, committed, pad, producer_failed) = (
             store.clone(),
             channel.clone(),
             next.clone(),
             committed.clone(),
             pad.clone(),
+            producer_failed.clone(),
         );
         let (n_total, rate, keys) = (args.messages, args.rate, args.keys.max(1));
+        let give_up = start + Duration::from_secs(args.timeout_secs);
         producers.push(tokio::spawn(async move {
             loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);
@@ -718,7 +736,10 @@ async fn run_with_channel<S: BenchStore, R: OutboxSource>(
                 };
                 let msg =
                     JsonCodec::encode_to(&ping, &channel)?.with_key(format!("key-{}", n % keys))?;
-                store.produce(n, &pad, msg).await?;
+                if let Err(e) = produce_retrying(&store, n, &pad, msg, give_up).await {
+                    producer_failed.store(true, Ordering::Relaxed);
+                    return Err(e);
+                }
                 committed.fetch_add(1, Ordering::Relaxed);
             }
         }));
@@ -741,7 +762,7 @@ async fn run_with_channel<S: BenchStore, R: OutboxSource>(
         };
         progress.set_position(handled.max(0) as u64);
         progress.set_message(format!("committed {}", committed.load(Ordering::Relaxed)));
-        if Instant::now() > deadline {
+        if Instant::now() > deadline || producer_failed.load(Ordering::Relaxed) {
             break None;
         }
     };
@@ -802,6 +823,73 @@ async fn run_with_channel<S: BenchStore, R: OutboxSource>(
         rate: args.rate,
         sync: args.sync.name(),
         payload_bytes: args.payload_bytes,
+    })
+}
+
+/// Producer transaction `n`, retried as a service's caller would retry it: a transient
+/// failure (the database restarting, a connection cut) is retried with backoff, and
+/// since a failed commit may still have happened, the business row decides whether
+/// there is anything left to retry (no message is sent twice under two ids). Gives up
+/// at `give_up` (the bench's deadline).
+async fn produce_retrying<S: BenchStore>(
+    store: &S,
+    n: u64,
+    pad: &str,
+    msg: courier::core::Message,
+    give_up: tokio::time::Instant,
+) -> Result<()> {
+    let mut failures = 0u32;
+    loop {
+        let error = match store.produce(n, pad, msg.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(e) if is_transient(&e) => e,
+            Err(e) => return Err(e.context(format!("producer transaction {n}"))),
+        };
+        loop {
+            if tokio::time::Instant::now() >= give_up {
+                return Err(error.context(format!(
+                    "producer transaction {n}: still failing at the bench's deadline"
+                )));
+            }
+            failures += 1;
+            if failures.is_power_of_two() {
+                eprintln!(
+                    "bench: producer transaction {n} failed ({failures} time(s)), retrying: {error:#}"
+                );
+            }
+            let ms = 50u64.saturating_mul(1 << failures.min(6)).min(2_000);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            match store.committed(n).await {
+                Ok(true) => return Ok(()),
+                Ok(false) => break,
+                Err(e) if is_transient(&e) => continue,
+                Err(e) => return Err(e.context(format!("checking producer transaction {n}"))),
+            }
+        }
+    }
+}
+
+/// Whether retrying `e` may help: Courier's own status, or for a raw sqlx error a lost
+/// connection, a server shutting down or starting up, a serialisation failure.
+fn is_transient(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        if let Some(e) = cause.downcast_ref::<courier::core::Error>() {
+            return e.is_retryable();
+        }
+        match cause.downcast_ref::<sqlx::Error>() {
+            Some(
+                sqlx::Error::Io(_)
+                | sqlx::Error::Protocol(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::WorkerCrashed,
+            ) => true,
+            Some(sqlx::Error::Database(db)) => db.code().is_some_and(|c| {
+                ["08", "40", "53", "57"]
+                    .iter()
+                    .any(|class| c.starts_with(class))
+            }),
+            _ => false,
+        }
     })
 }
 
@@ -945,4 +1033,26 @@ async fn consume<S: BenchStore>(
     println!("ready");
     dispatcher.run(subscription, done).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_transient;
+
+    #[test]
+    fn a_lost_connection_is_retried_a_bad_statement_is_not() {
+        let cut = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "eof");
+        assert!(is_transient(&anyhow::Error::new(sqlx::Error::Io(cut))));
+        assert!(is_transient(
+            &anyhow::Error::new(sqlx::Error::PoolTimedOut).context("producer")
+        ));
+        assert!(!is_transient(&anyhow::Error::new(
+            sqlx::Error::ColumnNotFound("n".into())
+        )));
+        let unavailable = courier::core::Error::new(courier::core::ErrorKind::Unavailable, "down");
+        assert!(is_transient(&anyhow::Error::new(unavailable)));
+        assert!(!is_transient(&anyhow::Error::new(
+            courier::core::Error::invalid("bad")
+        )));
+    }
 }

@@ -246,6 +246,11 @@ pub(super) trait BenchStore: MessageStore + OutboxSource + Clone {
         message: Message,
     ) -> impl Future<Output = Result<()>> + Send;
 
+    /// Whether producer transaction `n` committed (its business row exists): after a
+    /// failed commit the outcome is unknown, and retrying a committed one would send its
+    /// message twice.
+    fn committed(&self, n: u64) -> impl Future<Output = Result<bool>> + Send;
+
     /// Commit `messages` into the outbox in one transaction (no business row).
     fn fill_outbox(&self, messages: &[Message]) -> impl Future<Output = Result<()>> + Send;
 
@@ -264,6 +269,15 @@ impl BenchStore for SqliteStore {
         self.outbox().send_all(&mut tx, messages).await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn committed(&self, n: u64) -> Result<bool> {
+        Ok(
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM business WHERE n = ?)")
+                .bind(n as i64)
+                .fetch_one(self.pool())
+                .await?,
+        )
     }
 
     async fn produce(&self, n: u64, body: &str, message: Message) -> Result<()> {
@@ -300,6 +314,15 @@ impl BenchStore for PgStore {
         self.outbox().send_all(&mut tx, messages).await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn committed(&self, n: u64) -> Result<bool> {
+        Ok(
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM business WHERE n = $1)")
+                .bind(n as i64)
+                .fetch_one(self.pool())
+                .await?,
+        )
     }
 
     async fn produce(&self, n: u64, body: &str, message: Message) -> Result<()> {

@@ -138,6 +138,19 @@ impl Broker {
         }
     }
 
+    /// Remove what consumer `group` left on `channel` (its progress and helper queues)
+    /// where the backend keeps that apart from the channel; elsewhere nothing to do.
+    pub(crate) async fn delete_group(
+        &self,
+        channel: &ChannelName,
+        group: &courier::core::GroupName,
+    ) -> courier::Result<()> {
+        match self {
+            Self::Amqp(t) => t.delete_group(channel, group).await,
+            Self::Sqlite(_) | Self::Nats(_) | Self::Postgres(_) => Ok(()),
+        }
+    }
+
     /// Remove `channel` and what it stores, where the backend can (the embedded broker
     /// keeps it: its file is the user's).
     pub(crate) async fn delete_channel(&self, channel: &ChannelName) -> courier::Result<()> {
