@@ -502,11 +502,15 @@ impl<S: MessageStore> Dispatcher<S> {
     async fn settle(&self, batch: Vec<Pending>, dispositions: Vec<Disposition>, st: &mut State) {
         let mut returned: HashMap<String, Vec<Pending>> = HashMap::new();
         let mut order: Vec<String> = Vec::new();
+        // A lost connection fails every ack of the batch: one line says it, not one each.
+        let mut failed_acks = 0usize;
+        let mut first_ack_error = None;
         for (mut p, d) in batch.into_iter().zip(dispositions) {
             match d {
                 Disposition::Ack => {
                     if let Err(e) = p.delivery.ack().await {
-                        tracing::warn!(error = %e, "ack failed; the broker will redeliver and the inbox will skip it");
+                        failed_acks += 1;
+                        first_ack_error.get_or_insert(e);
                     }
                 }
                 Disposition::Failed(error) => {
@@ -539,6 +543,13 @@ impl<S: MessageStore> Dispatcher<S> {
                     returned.entry(key).or_default().push(p);
                 }
             }
+        }
+        if let Some(e) = first_ack_error {
+            tracing::warn!(
+                error = %e,
+                failed = failed_acks,
+                "acks failed; the broker will redeliver those messages and the inbox will skip them"
+            );
         }
         for key in order {
             if let Some(items) = returned.remove(&key) {

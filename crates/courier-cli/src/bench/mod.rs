@@ -419,7 +419,7 @@ async fn raw_sqlite(
 pub(crate) async fn run(args: BenchArgs, json: bool) -> Result<()> {
     // Warnings (a server unreachable, retries) go to stderr, in both processes.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,lapin=off"));
     // Fails only if a subscriber is already set, which is harmless.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -112,7 +112,10 @@ enum How {
 }
 
 pub(crate) async fn run(args: Args) -> Result<()> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // lapin logs each message RabbitMQ returns and each refused lock probe; Courier's
+    // RabbitMQ transport reports what matters itself.
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,lapin=off"));
     // Fails only if a subscriber is already set, which is harmless.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

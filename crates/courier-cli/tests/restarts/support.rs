@@ -391,6 +391,9 @@ impl Bench {
             "180",
             "--schema-prefix",
             &prefix,
+            // The relay-alone measurement has nothing to do with restarts.
+            "--relay-messages",
+            "0",
             "--json",
         ]
         .iter()
@@ -399,7 +402,7 @@ impl Bench {
         args.extend(extra.iter().map(|s| s.to_string()));
         let child = Command::new(env!("CARGO_BIN_EXE_courier"))
             .args(&args)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "warn,lapin=off")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(File::create(&log).unwrap())
