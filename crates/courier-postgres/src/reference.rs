@@ -20,9 +20,13 @@ const WARM_UP: Duration = Duration::from_millis(200);
 /// figure with the reference of the same client count. The table lives in the URL's
 /// current schema and is dropped afterwards. A short warm-up runs first and is not
 /// counted.
+///
+/// With `explicit_tx`, each row is `BEGIN; INSERT; COMMIT` (three round trips, as an
+/// application's transaction pays) instead of one autocommit `INSERT`.
 pub async fn raw_commit_rate(
     url: &str,
     clients: usize,
+    explicit_tx: bool,
     payload_bytes: usize,
     duration: Duration,
     max_rows: u64,
@@ -60,10 +64,16 @@ pub async fn raw_commit_rate(
                 if now >= start && (n >= per_client || now - start >= duration) {
                     return Ok::<_, sqlx::Error>(n);
                 }
+                if explicit_tx {
+                    sqlx::query("BEGIN").execute(&mut *conn).await?;
+                }
                 sqlx::query(AssertSqlSafe(insert.as_str()))
                     .bind(payload)
                     .execute(&mut *conn)
                     .await?;
+                if explicit_tx {
+                    sqlx::query("COMMIT").execute(&mut *conn).await?;
+                }
                 if Instant::now() > start {
                     n += 1;
                 }

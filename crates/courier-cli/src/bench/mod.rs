@@ -89,8 +89,9 @@ throughput, commit -> handler latency (p50/p99/max), and, measured in the same r
 raw limits of the backends without Courier:
   raw_commit_rate_per_s   single-row INSERT commits of the service database (SQLite: \
 autocommit on a held connection, same driver and --sync; PostgreSQL: autocommit from as \
-many connections as --producers). On SQLite also BEGIN; INSERT; COMMIT per row (raw_tx_commit_rate_per_s) and \
-autocommit through a pool (raw_commit_rate_pool_per_s); see BENCHMARKS.md.
+many connections as --producers). Also BEGIN; INSERT; COMMIT per row the same way \
+(raw_tx_commit_rate_per_s), and on SQLite autocommit through a pool \
+(raw_commit_rate_pool_per_s); see BENCHMARKS.md.
   raw_publish_rate_per_s  confirmed publishes of the broker's own client (NATS: JetStream \
 publishes with 256 acks in flight; RabbitMQ: persistent publishes to a stream with 256 \
 confirms in flight; PostgreSQL: single-row INSERT commits; embedded broker: \
@@ -348,16 +349,21 @@ impl Setup {
             }
             DbSpec::Postgres { .. } => {
                 let url = self.db.pg_url(Side::Producer).unwrap_or_default();
-                let raw = courier::postgres::raw_commit_rate(
-                    &url,
-                    clients,
-                    payload_bytes,
-                    RAW_DURATION,
-                    1 << 30,
-                )
-                .await
-                .context("measuring the raw PostgreSQL commit rate")?;
-                Ok((raw, None, None))
+                let measure = async |explicit_tx| {
+                    courier::postgres::raw_commit_rate(
+                        &url,
+                        clients,
+                        explicit_tx,
+                        payload_bytes,
+                        RAW_DURATION,
+                        1 << 30,
+                    )
+                    .await
+                    .context("measuring the raw PostgreSQL commit rate")
+                };
+                let raw = measure(false).await?;
+                let tx = measure(true).await?;
+                Ok((raw, None, Some(tx)))
             }
         }
     }
@@ -393,6 +399,7 @@ impl Setup {
             "postgres" | "postgresql" => courier::postgres::raw_commit_rate(
                 &self.broker_url,
                 1,
+                false,
                 payload_bytes,
                 RAW_DURATION,
                 1 << 30,
