@@ -13,10 +13,23 @@ impl PgStore {
     /// Read up to `limit` outbox rows (and at most about `max_bytes`, at least one row),
     /// oldest first.
     pub async fn outbox_peek(&self, limit: u32, max_bytes: usize) -> Result<Vec<OutboxRow>> {
+        self.outbox_peek_excluding(limit, max_bytes, &[]).await
+    }
+
+    /// Like [`outbox_peek`](Self::outbox_peek), leaving out the rows `exclude` (a batch
+    /// the relay is publishing while it reads the next one), in the query itself.
+    pub async fn outbox_peek_excluding(
+        &self,
+        limit: u32,
+        max_bytes: usize,
+        exclude: &[i64],
+    ) -> Result<Vec<OutboxRow>> {
         let rows: Vec<(i64, String, String, Vec<u8>)> = sqlx::query_as(
-            "SELECT seq, message_id, headers, payload FROM courier_outbox ORDER BY seq LIMIT $1",
+            "SELECT seq, message_id, headers, payload FROM courier_outbox
+             WHERE seq <> ALL($2) ORDER BY seq LIMIT $1",
         )
         .bind(i64::from(limit))
+        .bind(exclude)
         .fetch_all(self.pool())
         .await
         .map_err(self.err("reading the outbox"))?;
@@ -206,6 +219,15 @@ fn listener_name(schema: &str) -> String {
 impl OutboxSource for PgStore {
     async fn outbox_peek(&self, limit: u32, max_bytes: usize) -> Result<Vec<OutboxRow>> {
         PgStore::outbox_peek(self, limit, max_bytes).await
+    }
+
+    async fn outbox_peek_excluding(
+        &self,
+        limit: u32,
+        max_bytes: usize,
+        exclude: &[i64],
+    ) -> Result<Vec<OutboxRow>> {
+        PgStore::outbox_peek_excluding(self, limit, max_bytes, exclude).await
     }
 
     async fn outbox_delete(&self, seqs: &[i64], holder: &str, generation: i64) -> Result<bool> {
