@@ -8,15 +8,28 @@
 //! blocked (later messages with that key are parked as dead letters too) until an operator
 //! retries or discards it. See `docs/adr/0002-failing-messages-and-key-order.md`.
 
+use crate::codec::Codec;
 use crate::codec::Contract;
+use crate::correlation::{ReplyApplied, ReplyRecord};
 use crate::dead_letter::{DeadLetter, DeadLetterReason, DeadLetterStatus, NewDeadLetter};
+use crate::describe::{
+    self, Action, MessageDescription, OperationDescription, ServiceDescription, Style,
+};
 use crate::error::{Error, ErrorKind, Result};
-use crate::handler::{ErasedHandler, HandlerContext, HandlerError, TypedHandler};
+use crate::handler::{
+    CommandHandler, ErasedHandler, HandlerContext, HandlerError, Outgoing, TypedHandler,
+};
 use crate::headers::Headers;
+use crate::interaction::{
+    Command, CommandReply, DomainEvent, ErasedReplyHandler, GatherHandler, Gathered, Notification,
+    Requester, TypedReplyHandler,
+};
 use crate::message::{DEFAULT_MAX_MESSAGE_BYTES, Message, MessageId, now_ms};
+use crate::names::ChannelName;
 use crate::names::GroupName;
 use crate::retry::RetryPolicy;
 use crate::store::MessageStore;
+use crate::transport::BoxFuture;
 use crate::transport::{Delivery, Subscription};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
@@ -25,6 +38,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 /// How the dispatcher batches, retries and bounds its memory.
@@ -46,6 +60,11 @@ pub struct DispatcherConfig {
     pub inbox_retention: Duration,
     /// How often old inbox rows are pruned.
     pub maintenance_interval: Duration,
+    /// How often the deadlines of commands this service sent are checked (timeouts).
+    pub deadline_poll_interval: Duration,
+    /// How long completed correlation rows are kept (a reply arriving later is logged
+    /// as unknown and dead-lettered instead of ignored as late).
+    pub correlation_retention: Duration,
 }
 
 impl Default for DispatcherConfig {
@@ -58,6 +77,8 @@ impl Default for DispatcherConfig {
             max_held: 10_000,
             inbox_retention: Duration::from_secs(7 * 24 * 3600),
             maintenance_interval: Duration::from_secs(60),
+            deadline_poll_interval: Duration::from_millis(200),
+            correlation_retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -88,6 +109,16 @@ impl DispatcherConfig {
         self.maintenance_interval = d.max(Duration::from_millis(10));
         self
     }
+    /// Set how often command deadlines are checked.
+    pub fn deadline_poll_interval(mut self, d: Duration) -> Self {
+        self.deadline_poll_interval = d.max(Duration::from_millis(5));
+        self
+    }
+    /// Set how long completed correlations are kept.
+    pub fn correlation_retention(mut self, d: Duration) -> Self {
+        self.correlation_retention = d;
+        self
+    }
     /// Set the redrive poll interval.
     pub fn redrive_interval(mut self, d: Duration) -> Self {
         self.redrive_interval = d;
@@ -110,6 +141,10 @@ pub struct DispatcherStats {
     pub redriven: AtomicU64,
     /// Inbox rows pruned after the retention window.
     pub inbox_pruned: AtomicU64,
+    /// Replies matched to a command this service sent.
+    pub replies: AtomicU64,
+    /// Commands this service sent that timed out.
+    pub timeouts: AtomicU64,
     /// Batches the service database failed to take (each retried with backoff).
     pub store_failures: AtomicU64,
 }
@@ -119,15 +154,29 @@ pub struct Dispatcher<S: MessageStore> {
     store: S,
     subscriber: GroupName,
     handlers: HashMap<String, Arc<dyn ErasedHandler<S>>>,
+    reply_handlers: HashMap<String, Arc<dyn ErasedReplyHandler<S>>>,
+    router: Option<Arc<ReplyRouter<S>>>,
+    reply_to: Option<ChannelName>,
+    upcasts: HashMap<(String, u32), Upcast>,
+    operations: Vec<OperationDescription>,
+    wake: Arc<watch::Sender<u64>>,
     config: DispatcherConfig,
     stats: Arc<DispatcherStats>,
 }
+
+/// Turns a message of an older version into the current one.
+type Upcast = Arc<dyn Fn(&Message) -> Result<Message> + Send + Sync>;
 
 impl<S: MessageStore> fmt::Debug for Dispatcher<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Dispatcher")
             .field("subscriber", &self.subscriber)
             .field("handles", &self.handlers.keys().collect::<Vec<_>>())
+            .field(
+                "replies_of",
+                &self.reply_handlers.keys().collect::<Vec<_>>(),
+            )
+            .field("reply_to", &self.reply_to)
             .field("config", &self.config)
             .finish()
     }
@@ -186,6 +235,12 @@ impl<S: MessageStore> Dispatcher<S> {
             store,
             subscriber,
             handlers: HashMap::new(),
+            reply_handlers: HashMap::new(),
+            router: None,
+            reply_to: None,
+            upcasts: HashMap::new(),
+            operations: Vec::new(),
+            wake: Arc::new(watch::channel(0).0),
             config: DispatcherConfig::default(),
             stats: Arc::default(),
         }
@@ -207,7 +262,215 @@ impl<S: MessageStore> Dispatcher<S> {
                 _t: std::marker::PhantomData,
             }),
         );
+        self.operations.push(OperationDescription {
+            action: Action::Receive,
+            channel: None,
+            style: Style::Message,
+            message: MessageDescription::of::<T>(),
+            replies: Vec::new(),
+            group: Some(self.subscriber.to_string()),
+        });
         self
+    }
+
+    /// Register the handler of command `C`. It returns `Ok(Ok(reply))` or
+    /// `Ok(Err(failure))` (a typed business refusal); either is sent to the command's
+    /// `reply-to` through the handler's transaction, so the reply exists if and only if
+    /// the handler's changes committed. `Err(HandlerError)` is retried or dead-lettered
+    /// like any handler failure. A command whose deadline has passed is not executed
+    /// (dead-lettered as expired; its sender sees a timeout).
+    ///
+    /// ```text
+    /// dispatcher.on_command(|ctx, cmd: ValidateConsumer| async move {
+    ///     let known = consumer_exists(&mut *ctx.tx().await, &cmd.consumer_id).await?;
+    ///     Ok(if known { Ok(ConsumerValidated { .. }) } else { Err(Rejection::new("unknown consumer")) })
+    /// })
+    /// ```
+    pub fn on_command<C, F, Fut>(mut self, handler: F) -> Self
+    where
+        C: Command,
+        F: Fn(HandlerContext<S>, C) -> Fut + Send + Sync + 'static,
+        Fut: Future<
+                Output = std::result::Result<
+                    std::result::Result<C::Reply, C::Failure>,
+                    HandlerError,
+                >,
+            > + Send
+            + 'static,
+    {
+        self.handlers.insert(
+            C::TYPE.to_owned(),
+            Arc::new(CommandHandler::<C, F> {
+                f: handler,
+                responder: self.subscriber.to_string(),
+                _c: std::marker::PhantomData,
+            }),
+        );
+        self.operations.push(describe::command_op::<C>(
+            Action::Receive,
+            Some(self.subscriber.to_string()),
+        ));
+        self
+    }
+
+    /// Register the handler of notification `N` (a one-way command).
+    pub fn on_notification<N, F, Fut>(mut self, handler: F) -> Self
+    where
+        N: Notification,
+        F: Fn(HandlerContext<S>, N) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+    {
+        self = self.on::<N, F, Fut>(handler);
+        self.operations.pop();
+        self.operations.push(OperationDescription {
+            action: Action::Receive,
+            channel: Some(N::CHANNEL.to_owned()),
+            style: Style::Notification,
+            message: MessageDescription::of::<N>(),
+            replies: Vec::new(),
+            group: Some(self.subscriber.to_string()),
+        });
+        self
+    }
+
+    /// Register the handler of domain event `E` (subscribe to the channel
+    /// `E::AGGREGATE`; this dispatcher's group gets its own copy of every event).
+    pub fn on_event<E, F, Fut>(mut self, handler: F) -> Self
+    where
+        E: DomainEvent,
+        F: Fn(HandlerContext<S>, E) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+    {
+        self = self.on::<E, F, Fut>(handler);
+        self.operations.pop();
+        self.operations.push(describe::event_op::<E>(
+            Action::Receive,
+            Some(self.subscriber.to_string()),
+        ));
+        self
+    }
+
+    /// This service's reply channel: commands sent from handlers
+    /// ([`HandlerContext::send_command`]) and by [`requester`](Self::requester) ask for
+    /// replies there, and this dispatcher (subscribed to it) matches replies to the
+    /// correlation rows in the service database.
+    pub fn replies_to(mut self, channel: ChannelName) -> Self {
+        self.reply_to = Some(channel);
+        self
+    }
+
+    /// Register the reply handler of command `C`: it runs once per command this service
+    /// sent, with the [`Outcome`](crate::Outcome) (replied, failed or timed out) and the
+    /// data stored at send time, inside a transaction of the service database. Any
+    /// instance of the service may run it, even after a restart.
+    pub fn on_reply<C, F, Fut>(mut self, handler: F) -> Self
+    where
+        C: Command,
+        F: Fn(HandlerContext<S>, CommandReply<C>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+    {
+        self.reply_handlers.insert(
+            C::TYPE.to_owned(),
+            Arc::new(TypedReplyHandler::<C, F> {
+                f: handler,
+                _c: std::marker::PhantomData,
+            }),
+        );
+        self.push_reply_ops::<C>();
+        self
+    }
+
+    /// Register the handler of a scatter-gather of `C`: it runs once, when every expected
+    /// responder answered or the deadline passed, with who answered what and who did not.
+    pub fn on_gathered<C, F, Fut>(mut self, handler: F) -> Self
+    where
+        C: Command,
+        F: Fn(HandlerContext<S>, Gathered<C>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+    {
+        self.reply_handlers.insert(
+            C::TYPE.to_owned(),
+            Arc::new(GatherHandler::<C, F> {
+                f: handler,
+                _c: std::marker::PhantomData,
+            }),
+        );
+        self.push_reply_ops::<C>();
+        self
+    }
+
+    fn push_reply_ops<C: Command>(&mut self) {
+        for message in [
+            MessageDescription::of::<C::Reply>(),
+            MessageDescription::of::<C::Failure>(),
+        ] {
+            self.operations.push(OperationDescription {
+                action: Action::Receive,
+                channel: None,
+                style: Style::Reply,
+                message: MessageDescription {
+                    kind: crate::MessageKind::Reply,
+                    ..message
+                },
+                replies: Vec::new(),
+                group: Some(self.subscriber.to_string()),
+            });
+        }
+    }
+
+    /// Read messages of `Old` (an older major version, or an older type name) as `New`
+    /// through `From`: the handler of `New` handles both. Chains (v1 → v2 → v3) work when
+    /// each step is registered.
+    pub fn upcast<Old, New>(mut self) -> Self
+    where
+        Old: Contract,
+        New: Contract + From<Old>,
+    {
+        let f: Upcast = Arc::new(|msg: &Message| {
+            let old = Codec::decode::<Old>(msg)?;
+            let new = New::from(old);
+            let ct = New::CONTENT_TYPE;
+            let payload = new.to_payload(ct)?;
+            let mut out = msg.clone();
+            out.payload = payload.into();
+            out.headers.insert(crate::headers::TYPE, New::TYPE)?;
+            out.headers
+                .insert(crate::headers::TYPE_VERSION, New::version().to_string())?;
+            out.headers.insert(crate::headers::CONTENT_TYPE, ct)?;
+            Ok(out)
+        });
+        self.upcasts.insert((Old::TYPE.to_owned(), Old::VERSION), f);
+        self
+    }
+
+    /// A [`Requester`] sending commands with this dispatcher's reply channel; this
+    /// dispatcher (once running on that channel) wakes it when a reply is recorded.
+    pub fn requester(&self) -> Result<Requester<S>> {
+        let reply_to = self.reply_to.clone().ok_or_else(|| {
+            Error::new(
+                ErrorKind::Config,
+                "a requester needs the dispatcher's reply channel: call replies_to first",
+            )
+        })?;
+        Ok(Requester::new(
+            self.store.clone(),
+            reply_to,
+            self.wake.subscribe(),
+        ))
+    }
+
+    /// What this dispatcher receives (and the replies it sends), for AsyncAPI. Merge it
+    /// into the service's [`ServiceDescription`].
+    pub fn description(&self, service: &str) -> ServiceDescription {
+        let mut d = ServiceDescription::new(service);
+        for op in &self.operations {
+            let mut op = op.clone();
+            if op.style == Style::Reply && op.channel.is_none() {
+                op.channel = self.reply_to.as_ref().map(ToString::to_string);
+            }
+            d.push(op);
+        }
+        d
     }
 
     /// Replace the configuration.
@@ -229,10 +492,21 @@ impl<S: MessageStore> Dispatcher<S> {
     /// Handle deliveries until `shutdown` resolves or the subscription ends. Returns an
     /// error only when the service database stays unusable.
     pub async fn run(
-        self,
+        mut self,
         mut subscription: Subscription,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<()> {
+        let correlating = self.reply_to.is_some() || !self.reply_handlers.is_empty();
+        if correlating {
+            self.router = Some(Arc::new(ReplyRouter {
+                store: self.store.clone(),
+                handlers: self.reply_handlers.clone(),
+                subscriber: self.subscriber.to_string(),
+                stats: self.stats.clone(),
+            }));
+        }
+        let mut deadlines = tokio::time::interval(self.config.deadline_poll_interval);
+        deadlines.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut st = State {
             blocking: self
                 .store
@@ -287,6 +561,17 @@ impl<S: MessageStore> Dispatcher<S> {
                         Ok(n) => { self.stats.inbox_pruned.fetch_add(n, Ordering::Relaxed); }
                         Err(e) => tracing::warn!(subscriber = %self.subscriber, error = %e, "pruning the inbox failed; will try again"),
                     }
+                    if correlating {
+                        let keep_ms = self.config.correlation_retention.as_millis() as u64;
+                        if let Err(e) = self.store.prune_correlations(keep_ms, 500).await {
+                            tracing::warn!(subscriber = %self.subscriber, error = %e, "pruning correlations failed; will try again");
+                        }
+                    }
+                }
+                _ = deadlines.tick(), if correlating => {
+                    if let Err(e) = self.expire_correlations().await {
+                        tracing::warn!(subscriber = %self.subscriber, error = %e, "checking command deadlines failed; will try again");
+                    }
                 }
                 _ = redrive.tick() => {
                     if let Err(e) = self.redrive(&mut st).await {
@@ -297,7 +582,12 @@ impl<S: MessageStore> Dispatcher<S> {
         }
     }
 
-    fn route(&self, delivery: Delivery, batch: &mut Vec<Pending>, st: &mut State) {
+    fn route(&self, mut delivery: Delivery, batch: &mut Vec<Pending>, st: &mut State) {
+        if !self.upcasts.is_empty()
+            && let Ok(msg) = &mut delivery.message
+        {
+            self.upcast_in_place(msg);
+        }
         let p = Pending {
             delivery,
             failures: 0,
@@ -456,6 +746,9 @@ impl<S: MessageStore> Dispatcher<S> {
             handled += 1;
         }
         self.store.commit(tx).await?;
+        if self.router.is_some() {
+            self.wake.send_modify(|v| *v += 1);
+        }
         self.stats.handled.fetch_add(handled, Ordering::Relaxed);
         self.stats
             .duplicates
@@ -495,6 +788,9 @@ impl<S: MessageStore> Dispatcher<S> {
             }
         }
         self.store.commit(tx).await?;
+        if self.router.is_some() {
+            self.wake.send_modify(|v| *v += 1);
+        }
         st.blocking |= new_blocking;
         Ok(out)
     }
@@ -684,6 +980,15 @@ impl<S: MessageStore> Dispatcher<S> {
                 format!("deadline {deadline} (ms since epoch) passed before delivery"),
             ));
         }
+        if let Some(router) = &self.router
+            && matches!(
+                msg.headers.message_kind(),
+                Ok(Some(crate::MessageKind::Reply))
+            )
+            && msg.headers.correlation_id().is_some()
+        {
+            return Ok(router.clone());
+        }
         match msg.headers.message_type() {
             Ok(Some(ty)) => self.handlers.get(ty.as_str()).cloned().ok_or_else(|| {
                 (
@@ -726,8 +1031,25 @@ impl<S: MessageStore> Dispatcher<S> {
         attempt: u32,
     ) -> Result<(S::Tx, std::result::Result<(), HandlerError>)> {
         let envelope = Arc::new(msg.clone());
-        let (ctx, tx_cell, outgoing) = HandlerContext::<S>::new(tx, envelope, attempt);
-        let fut = handler.call(ctx, msg);
+        self.invoke_with(tx, envelope, attempt, |ctx| handler.call(ctx, msg))
+            .await
+    }
+
+    /// Run `call` with a context over `tx` (panics become transient errors); on success
+    /// what it sent goes to the outbox in the same transaction.
+    async fn invoke_with(
+        &self,
+        tx: S::Tx,
+        envelope: Arc<Message>,
+        attempt: u32,
+        call: impl FnOnce(
+            HandlerContext<S>,
+        ) -> BoxFuture<'static, std::result::Result<(), HandlerError>>,
+    ) -> Result<(S::Tx, std::result::Result<(), HandlerError>)> {
+        let id = envelope.id;
+        let (ctx, tx_cell, outgoing) =
+            HandlerContext::<S>::new(tx, envelope, attempt, self.reply_to.clone());
+        let fut = call(ctx);
         let result = match futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(fut)).await
         {
             Ok(r) => r,
@@ -748,22 +1070,116 @@ impl<S: MessageStore> Dispatcher<S> {
                     format!(
                         "the handler of message {} kept its HandlerContext after returning; \
                          do not move the context into spawned tasks",
-                        msg.id
+                        id
                     ),
                 ));
             }
         };
         if result.is_ok() {
-            let out = std::mem::take(
-                &mut *outgoing
-                    .lock()
-                    .map_err(|_| Error::new(ErrorKind::Closed, "handler context poisoned"))?,
-            );
-            if !out.is_empty() {
-                self.store.outbox_insert(&mut tx, &out).await?;
-            }
+            self.write_outgoing(&mut tx, &outgoing).await?;
         }
         Ok((tx, result))
+    }
+
+    /// Write what a successful handler sent (messages, correlation rows) into `tx`.
+    async fn write_outgoing(
+        &self,
+        tx: &mut S::Tx,
+        outgoing: &std::sync::Mutex<Outgoing>,
+    ) -> Result<()> {
+        let out = std::mem::take(
+            &mut *outgoing
+                .lock()
+                .map_err(|_| Error::new(ErrorKind::Closed, "handler context poisoned"))?,
+        );
+        if !out.correlations.is_empty() {
+            self.store.correlation_insert(tx, &out.correlations).await?;
+        }
+        if !out.messages.is_empty() {
+            self.store.outbox_insert(tx, &out.messages).await?;
+        }
+        Ok(())
+    }
+
+    /// Apply registered upcasts (older version → current) to `msg`, in a chain.
+    fn upcast_in_place(&self, msg: &mut Message) {
+        for _ in 0..16 {
+            let Some(ty) = msg.headers.get(crate::headers::TYPE) else {
+                return;
+            };
+            let major = match msg.headers.type_version() {
+                Ok(Some(v)) => v.major,
+                Ok(None) => 1,
+                Err(_) => return,
+            };
+            let Some(f) = self.upcasts.get(&(ty.to_owned(), major)) else {
+                return;
+            };
+            match f(msg) {
+                Ok(newer) => *msg = newer,
+                Err(e) => {
+                    tracing::warn!(subscriber = %self.subscriber, message = %msg.id, error = %e,
+                        "upcast to the current version failed; the message will be dead-lettered");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Time out the commands this service sent whose deadline passed: run their reply
+    /// handlers with `TimedOut` (or the gather handler with what arrived), each in a
+    /// savepoint of one transaction; a failing handler is retried with backoff.
+    async fn expire_correlations(&self) -> Result<()> {
+        let mut tx = self.store.begin().await?;
+        let expired = self.store.correlation_expire(&mut tx, now_ms(), 32).await?;
+        if expired.is_empty() {
+            return Ok(());
+        }
+        let n = expired.len() as u64;
+        for rec in expired {
+            let id = rec.correlation.correlation_id.clone();
+            let Some(handler) = self
+                .reply_handlers
+                .get(&rec.correlation.command_type)
+                .cloned()
+            else {
+                continue; // request().await only: the waiting requester reads the row
+            };
+            let mut envelope = Message::new(bytes::Bytes::new());
+            envelope
+                .headers
+                .insert(crate::headers::CORRELATION_ID, id.clone())?;
+            let attempt = rec.attempts + 1;
+            self.store.savepoint(&mut tx).await?;
+            let (t, result) = self
+                .invoke_with(tx, Arc::new(envelope), attempt, |ctx| {
+                    handler.call(ctx, rec)
+                })
+                .await?;
+            tx = t;
+            match result {
+                Ok(()) => self.store.release_savepoint(&mut tx).await?,
+                Err(e) => {
+                    self.store.rollback_savepoint(&mut tx).await?;
+                    let delay = if e.is_transient() {
+                        self.config.retry.next_delay(attempt)
+                    } else {
+                        None
+                    };
+                    let give_up = delay.is_none();
+                    let retry_at = now_ms() + delay.unwrap_or_default().as_millis() as u64;
+                    tracing::warn!(subscriber = %self.subscriber, correlation = %id, attempt, error = %e, give_up,
+                        "timeout handler failed");
+                    self.store
+                        .correlation_retry_later(&mut tx, &id, &e.to_string(), retry_at, give_up)
+                        .await?;
+                }
+            }
+        }
+        self.store.commit(tx).await?;
+        self.stats.timeouts.fetch_add(n, Ordering::Relaxed);
+        self.wake.send_modify(|v| *v += 1);
+        Ok(())
     }
 
     fn dead_letter(
@@ -914,4 +1330,76 @@ enum Refusal {
     NotHandled(DeadLetterReason, String),
     /// The handler returned an error (or panicked).
     Failed(HandlerError),
+}
+
+/// Matches replies to the correlation rows of the commands this service sent, and runs
+/// the reply handler of the command type when a correlation completes.
+struct ReplyRouter<S: MessageStore> {
+    store: S,
+    handlers: HashMap<String, Arc<dyn ErasedReplyHandler<S>>>,
+    subscriber: String,
+    stats: Arc<DispatcherStats>,
+}
+
+impl<S: MessageStore> ErasedHandler<S> for ReplyRouter<S> {
+    fn call(
+        &self,
+        ctx: HandlerContext<S>,
+        message: &Message,
+    ) -> BoxFuture<'static, std::result::Result<(), HandlerError>> {
+        let store = self.store.clone();
+        let handlers = self.handlers.clone();
+        let subscriber = self.subscriber.clone();
+        let stats = self.stats.clone();
+        let msg = message.clone();
+        Box::pin(async move {
+            let correlation = msg.headers.correlation_id().unwrap_or_default().to_owned();
+            let responder = msg
+                .headers
+                .get(crate::headers::RESPONDER)
+                .unwrap_or("unknown")
+                .to_owned();
+            let ty = msg
+                .headers
+                .get(crate::headers::TYPE)
+                .unwrap_or("?")
+                .to_owned();
+            let record = ReplyRecord::of(&msg, &responder);
+            let applied = {
+                let mut tx = ctx.tx.lock().await;
+                store
+                    .correlation_reply(&mut tx, &correlation, &record)
+                    .await?
+            };
+            match applied {
+                ReplyApplied::Unknown => Err(HandlerError::permanent(format!(
+                    "reply {} ({ty}) from {responder} has correlation id {correlation}, which \
+                     matches no command sent by {subscriber} (never sent from this service's \
+                     database, or pruned)",
+                    msg.id
+                ))),
+                ReplyApplied::AlreadyComplete(state) => {
+                    tracing::info!(%subscriber, reply = %msg.id, %correlation, %state, %responder,
+                        "reply to a command that already completed; ignored");
+                    Ok(())
+                }
+                ReplyApplied::Completed(rec) => {
+                    stats.replies.fetch_add(1, Ordering::Relaxed);
+                    let Some(handler) = handlers.get(&rec.correlation.command_type).cloned() else {
+                        return Ok(()); // a requester reads the row
+                    };
+                    if !rec.correlation.gather
+                        && let Err(why) = handler.check(&msg)
+                    {
+                        return Err(HandlerError::permanent(why));
+                    }
+                    handler.call(ctx, *rec).await
+                }
+                _ => {
+                    stats.replies.fetch_add(1, Ordering::Relaxed);
+                    Ok(())
+                }
+            }
+        })
+    }
 }

@@ -1,8 +1,13 @@
 //! Handlers: plain async functions on typed messages, their context and their errors.
 
-use crate::codec::{Contract, JsonCodec};
+use crate::codec::{Codec, Contract};
+use crate::correlation::NewCorrelation;
 use crate::error::{Error, ErrorStatus, Result};
 use crate::headers;
+use crate::interaction::{
+    Command, Correlation, DomainEvent, Notification, command_message, event_message,
+    notification_message,
+};
 use crate::message::{Message, MessageId};
 use crate::names::ChannelName;
 use crate::store::MessageStore;
@@ -94,33 +99,59 @@ impl fmt::Debug for HandlerError {
 /// What a handler receives besides the message: the transaction its writes join, the
 /// envelope, and a sender whose messages commit with that transaction.
 pub struct HandlerContext<S: MessageStore> {
-    tx: Arc<Mutex<S::Tx>>,
+    pub(crate) tx: Arc<Mutex<S::Tx>>,
     envelope: Arc<Message>,
-    outgoing: Arc<std::sync::Mutex<Vec<Message>>>,
+    pub(crate) outgoing: Arc<std::sync::Mutex<Outgoing>>,
     attempt: u32,
+    reply_to: Option<ChannelName>,
+}
+
+/// Messages and correlation rows a handler sent; written only if it succeeds.
+#[derive(Default)]
+pub(crate) struct Outgoing {
+    pub(crate) messages: Vec<Message>,
+    pub(crate) correlations: Vec<NewCorrelation>,
 }
 
 /// What the dispatcher keeps to take the transaction and the outgoing messages back.
 pub(crate) type ContextParts<S> = (
     HandlerContext<S>,
     Arc<Mutex<<S as MessageStore>::Tx>>,
-    Arc<std::sync::Mutex<Vec<Message>>>,
+    Arc<std::sync::Mutex<Outgoing>>,
 );
 
 impl<S: MessageStore> HandlerContext<S> {
-    pub(crate) fn new(tx: S::Tx, envelope: Arc<Message>, attempt: u32) -> ContextParts<S> {
+    pub(crate) fn new(
+        tx: S::Tx,
+        envelope: Arc<Message>,
+        attempt: u32,
+        reply_to: Option<ChannelName>,
+    ) -> ContextParts<S> {
         let tx = Arc::new(Mutex::new(tx));
-        let outgoing = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let outgoing = Arc::new(std::sync::Mutex::new(Outgoing::default()));
         (
             Self {
                 tx: tx.clone(),
                 envelope,
                 outgoing: outgoing.clone(),
                 attempt,
+                reply_to,
             },
             tx,
             outgoing,
         )
+    }
+
+    /// A second handle on the same transaction and outbox (the dispatcher's wrappers use
+    /// it to send replies after the user's handler returns).
+    pub(crate) fn handle(&self) -> Self {
+        Self {
+            tx: self.tx.clone(),
+            envelope: self.envelope.clone(),
+            outgoing: self.outgoing.clone(),
+            attempt: self.attempt,
+            reply_to: self.reply_to.clone(),
+        }
     }
 
     /// The service database connection inside the handler's transaction. Run your own
@@ -139,6 +170,12 @@ impl<S: MessageStore> HandlerContext<S> {
         self.attempt
     }
 
+    fn outgoing(&self) -> Result<std::sync::MutexGuard<'_, Outgoing>> {
+        self.outgoing
+            .lock()
+            .map_err(|_| Error::new(crate::ErrorKind::Closed, "handler context poisoned"))
+    }
+
     /// Send a message in the handler's transaction (through the outbox): it is published
     /// only if the handler succeeds. `causation-id` is set to the handled message, and its
     /// `correlation-id` is carried over unless the message has its own.
@@ -153,16 +190,48 @@ impl<S: MessageStore> HandlerContext<S> {
             message.headers.insert(headers::CORRELATION_ID, c)?;
         }
         let id = message.id;
-        self.outgoing
-            .lock()
-            .map_err(|_| Error::new(crate::ErrorKind::Closed, "handler context poisoned"))?
-            .push(message);
+        self.outgoing()?.messages.push(message);
         Ok(id)
     }
 
-    /// Encode `value` as JSON and [`send`](Self::send) it to `channel`.
+    /// Encode `value` and [`send`](Self::send) it to `channel`.
     pub fn publish<T: Contract>(&self, channel: &ChannelName, value: &T) -> Result<MessageId> {
-        self.send(JsonCodec::encode_to(value, channel)?)
+        self.send(Codec::encode_to(value, channel)?)
+    }
+
+    /// Send command `cmd` in the handler's transaction, with its correlation row; the
+    /// reply comes back on the dispatcher's reply channel
+    /// ([`Dispatcher::replies_to`](crate::Dispatcher::replies_to)) to the reply handler
+    /// of `C`. Returns the command's id (its correlation id).
+    pub fn send_command<C: Command>(&self, cmd: &C, correlation: Correlation) -> Result<MessageId> {
+        let reply_to = self.reply_to.as_ref().ok_or_else(|| {
+            Error::new(
+                crate::ErrorKind::Config,
+                format!(
+                    "cannot send command {}: this dispatcher has no reply channel \
+                     (set Dispatcher::replies_to)",
+                    C::TYPE
+                ),
+            )
+        })?;
+        let (mut msg, row) = command_message(cmd, reply_to, &correlation)?;
+        msg.headers
+            .insert(headers::CAUSATION_ID, self.envelope.id.to_string())?;
+        let id = msg.id;
+        let mut out = self.outgoing()?;
+        out.messages.push(msg);
+        out.correlations.push(row);
+        Ok(id)
+    }
+
+    /// Send notification `n` (a one-way command) in the handler's transaction.
+    pub fn notify<N: Notification>(&self, n: &N, key: Option<&str>) -> Result<MessageId> {
+        self.send(notification_message(n, key)?)
+    }
+
+    /// Publish domain event `e` in the handler's transaction.
+    pub fn publish_event<E: DomainEvent>(&self, e: &E) -> Result<MessageId> {
+        self.send(event_message(e)?)
     }
 }
 
@@ -201,10 +270,66 @@ where
         ctx: HandlerContext<S>,
         message: &Message,
     ) -> BoxFuture<'static, Result<(), HandlerError>> {
-        match JsonCodec::decode::<T>(message) {
+        match Codec::decode::<T>(message) {
             Ok(value) => Box::pin((self.f)(ctx, value)),
             Err(e) => Box::pin(async move { Err(HandlerError::undecodable(e)) }),
         }
+    }
+}
+
+/// A command handler: its return value becomes the reply, sent to the command's
+/// `reply-to` through the handler's transaction.
+pub(crate) struct CommandHandler<C, F> {
+    pub(crate) f: F,
+    pub(crate) responder: String,
+    pub(crate) _c: std::marker::PhantomData<fn() -> C>,
+}
+
+impl<S, C, F, Fut> ErasedHandler<S> for CommandHandler<C, F>
+where
+    S: MessageStore,
+    C: Command,
+    F: Fn(HandlerContext<S>, C) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Result<C::Reply, C::Failure>, HandlerError>>
+        + Send
+        + 'static,
+{
+    fn call(
+        &self,
+        ctx: HandlerContext<S>,
+        message: &Message,
+    ) -> BoxFuture<'static, Result<(), HandlerError>> {
+        let cmd = match Codec::decode::<C>(message) {
+            Ok(c) => c,
+            Err(e) => return Box::pin(async move { Err(HandlerError::undecodable(e)) }),
+        };
+        let handle = ctx.handle();
+        let fut = (self.f)(ctx, cmd);
+        let responder = self.responder.clone();
+        Box::pin(async move {
+            let outcome = fut.await?;
+            let envelope = handle.envelope.clone();
+            let reply_to = match envelope.headers.reply_to() {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    tracing::debug!(message = %envelope.id, command = C::TYPE,
+                        "command has no reply-to header; its reply is not sent");
+                    return Ok(());
+                }
+                Err(e) => return Err(HandlerError::permanent(e)),
+            };
+            let reply = match &outcome {
+                Ok(r) => {
+                    crate::interaction::reply_message(r, true, &envelope, reply_to, &responder)
+                }
+                Err(f) => {
+                    crate::interaction::reply_message(f, false, &envelope, reply_to, &responder)
+                }
+            }
+            .map_err(HandlerError::permanent)?;
+            handle.send(reply)?;
+            Ok(())
+        })
     }
 }
 

@@ -62,6 +62,11 @@ pub const CREATED_AT: HeaderName = HeaderName::from_static("created-at");
 /// How many times delivery was attempted before this one (0 on the first delivery).
 pub const ATTEMPT: HeaderName = HeaderName::from_static("attempt");
 
+/// On a reply: `success` (the command's reply type) or `failure` (its failure type).
+pub const REPLY_OUTCOME: HeaderName = HeaderName::from_static("reply-outcome");
+/// On a reply: who answered (the responding service's consumer group).
+pub const RESPONDER: HeaderName = HeaderName::from_static("responder");
+
 /// What role a message plays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -4,6 +4,7 @@
 //! dispatcher runs every handler inside a store transaction that also records the inbox
 //! row and the outgoing messages, so consume → change state → produce commits as one.
 
+use crate::correlation::{CorrelationRecord, NewCorrelation, ReplyApplied, ReplyRecord};
 use crate::dead_letter::{DeadLetter, NewDeadLetter};
 use crate::error::Result;
 use crate::message::Message;
@@ -119,4 +120,59 @@ pub trait MessageStore: Clone + Send + Sync + 'static {
         error: &str,
         now_ms: u64,
     ) -> impl Future<Output = Result<()>> + Send;
+
+    // ---- correlation state (commands sent, replies received) ----------------------
+
+    /// Insert correlation rows of commands sent in `tx`.
+    fn correlation_insert(
+        &self,
+        tx: &mut Self::Tx,
+        rows: &[NewCorrelation],
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Record `reply` for `correlation_id` inside `tx`. A correlation completes (state
+    /// `done`) when its expected count of replies from distinct responders is reached; a
+    /// reply to a completed one, or a second reply of the same responder, changes
+    /// nothing. Backends serialise concurrent replies to one correlation (row lock).
+    fn correlation_reply(
+        &self,
+        tx: &mut Self::Tx,
+        correlation_id: &str,
+        reply: &ReplyRecord,
+    ) -> impl Future<Output = Result<ReplyApplied>> + Send;
+
+    /// Claim up to `limit` pending correlations whose deadline is before `now_ms`: they
+    /// become `timed-out` in `tx` (one claimer wins) and are returned with their replies.
+    fn correlation_expire(
+        &self,
+        tx: &mut Self::Tx,
+        now_ms: u64,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<CorrelationRecord>>> + Send;
+
+    /// The timeout handler of a claimed correlation failed: make it pending again with
+    /// deadline `retry_at_ms` (one more attempt, `error` kept), or `failed` when
+    /// `give_up`.
+    fn correlation_retry_later(
+        &self,
+        tx: &mut Self::Tx,
+        correlation_id: &str,
+        error: &str,
+        retry_at_ms: u64,
+        give_up: bool,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// One correlation with its replies (outside any transaction).
+    fn correlation_get(
+        &self,
+        correlation_id: &str,
+    ) -> impl Future<Output = Result<Option<CorrelationRecord>>> + Send;
+
+    /// Delete completed correlations (and their replies) that completed more than
+    /// `older_than_ms` ago, at most `batch`; returns how many went. Pending ones stay.
+    fn prune_correlations(
+        &self,
+        older_than_ms: u64,
+        batch: u32,
+    ) -> impl Future<Output = Result<u64>> + Send;
 }

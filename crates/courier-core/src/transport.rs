@@ -281,6 +281,39 @@ impl Subscription {
     pub fn try_next(&mut self) -> Option<Delivery> {
         self.rx.try_recv().ok()
     }
+
+    /// One subscription over several (e.g. a service's command channel, its reply
+    /// channel and the event channels it follows), so one dispatcher handles them all.
+    /// It ends when all of them end; dropping it leaves every group. Needs a tokio
+    /// runtime.
+    pub fn merge(subscriptions: Vec<Subscription>) -> Subscription {
+        let (tx, rx) = mpsc::channel(16);
+        let tasks = subscriptions
+            .into_iter()
+            .map(|mut sub| {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    while let Some(d) = sub.next().await {
+                        if tx.send(d).await.is_err() {
+                            break;
+                        }
+                    }
+                })
+            })
+            .collect();
+        Subscription::new(rx, Box::new(AbortOnDrop(tasks)))
+    }
+}
+
+/// Stops the forwarding tasks of a merged subscription (and so drops the inner ones).
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
 }
 
 impl fmt::Debug for Subscription {

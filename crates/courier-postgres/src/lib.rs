@@ -44,6 +44,7 @@
 #![deny(missing_docs)]
 
 mod broker;
+mod correlation;
 mod error;
 mod outbox;
 mod reference;

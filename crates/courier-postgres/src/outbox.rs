@@ -1,8 +1,12 @@
 //! The transactional outbox: messages written in the caller's transaction.
 
 use crate::error::map;
+use courier_core::interaction::{command_message, event_message, notification_message};
 use courier_core::transport::BoxFuture;
-use courier_core::{Message, MessageId, Result, now_ms};
+use courier_core::{
+    ChannelName, Command, Correlation, DomainEvent, Error, ErrorKind, Message, MessageId,
+    NewCorrelation, Notification, Result, now_ms,
+};
 use sqlx::Postgres;
 use sqlx::postgres::PgConnection;
 
@@ -12,16 +16,33 @@ pub(crate) const CHANNEL: &str = "courier_outbox";
 /// Rows per `INSERT` (5 parameters each, well under PostgreSQL's 65,535).
 const ROWS_PER_INSERT: usize = 1000;
 
+/// How errors of writes through an [`OutboxTarget`] name the database.
+const CALLER_TX: &str = "the caller's transaction";
+
 /// Where outbox messages can be written: an open transaction on the service database
 /// (a sqlx `Transaction`, or a connection inside one).
 pub trait OutboxTarget: Send {
     /// Write `messages`, already validated.
     fn write_outbox<'a>(&'a mut self, messages: &'a [Message]) -> BoxFuture<'a, Result<()>>;
+
+    /// Write correlation rows (`courier_correlation`) of commands sent in this
+    /// transaction.
+    fn write_correlations<'a>(
+        &'a mut self,
+        rows: &'a [NewCorrelation],
+    ) -> BoxFuture<'a, Result<()>>;
 }
 
 impl OutboxTarget for PgConnection {
     fn write_outbox<'a>(&'a mut self, messages: &'a [Message]) -> BoxFuture<'a, Result<()>> {
         Box::pin(insert_outbox(self, messages))
+    }
+
+    fn write_correlations<'a>(
+        &'a mut self,
+        rows: &'a [NewCorrelation],
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(crate::correlation::insert(self, rows, CALLER_TX))
     }
 }
 
@@ -29,11 +50,25 @@ impl OutboxTarget for sqlx::Transaction<'_, Postgres> {
     fn write_outbox<'a>(&'a mut self, messages: &'a [Message]) -> BoxFuture<'a, Result<()>> {
         Box::pin(insert_outbox(self, messages))
     }
+
+    fn write_correlations<'a>(
+        &'a mut self,
+        rows: &'a [NewCorrelation],
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(crate::correlation::insert(self, rows, CALLER_TX))
+    }
 }
 
 impl OutboxTarget for sqlx::pool::PoolConnection<Postgres> {
     fn write_outbox<'a>(&'a mut self, messages: &'a [Message]) -> BoxFuture<'a, Result<()>> {
         Box::pin(insert_outbox(self, messages))
+    }
+
+    fn write_correlations<'a>(
+        &'a mut self,
+        rows: &'a [NewCorrelation],
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(crate::correlation::insert(self, rows, CALLER_TX))
     }
 }
 
@@ -85,9 +120,10 @@ pub(crate) async fn insert_outbox(conn: &mut PgConnection, messages: &[Message])
 /// tx.commit().await?;
 /// # Ok(()) }
 /// ```
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Outbox {
     max_message_bytes: Option<usize>,
+    reply_to: Option<ChannelName>,
 }
 
 impl Outbox {
@@ -100,6 +136,104 @@ impl Outbox {
     pub fn max_message_bytes(mut self, bytes: usize) -> Self {
         self.max_message_bytes = Some(bytes);
         self
+    }
+
+    /// This service's reply channel: commands sent with
+    /// [`send_command`](Self::send_command) ask for their replies there (the service's
+    /// dispatcher with [`Dispatcher::replies_to`](courier_core::Dispatcher::replies_to)
+    /// on the same channel consumes them).
+    ///
+    /// ```no_run
+    /// # fn f(store: courier_postgres::PgStore) -> courier_core::Result<()> {
+    /// let outbox = store
+    ///     .outbox()
+    ///     .replies_to(courier_core::ChannelName::new("order-service.replies")?);
+    /// # Ok(()) }
+    /// ```
+    pub fn replies_to(mut self, channel: ChannelName) -> Self {
+        self.reply_to = Some(channel);
+        self
+    }
+
+    /// Send command `cmd` in the transaction `tx`: the message (with `reply-to`,
+    /// `correlation-id`, `deadline`) and its correlation row commit together, so any
+    /// instance of this service can handle the reply, even after a restart. Returns the
+    /// command's id (its correlation id). Needs a reply channel
+    /// ([`replies_to`](Self::replies_to)); the message must fit the size limit.
+    ///
+    /// ```no_run
+    /// # async fn f<C: courier_core::Command>(store: courier_postgres::PgStore, cmd: C) -> Result<(), Box<dyn std::error::Error>> {
+    /// use courier_core::{ChannelName, Correlation};
+    /// use std::time::Duration;
+    /// let outbox = store.outbox().replies_to(ChannelName::new("order-service.replies")?);
+    /// let mut tx = store.begin().await?;
+    /// // ... the business change on &mut *tx ...
+    /// let correlation = Correlation::new()
+    ///     .data(&"o-1")?
+    ///     .deadline_in(Duration::from_secs(30));
+    /// outbox.send_command(&mut tx, &cmd, correlation).await?;
+    /// tx.commit().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn send_command<C: Command, T: OutboxTarget + ?Sized>(
+        &self,
+        tx: &mut T,
+        cmd: &C,
+        correlation: Correlation,
+    ) -> Result<MessageId> {
+        let reply_to = self.reply_to.as_ref().ok_or_else(|| {
+            Error::new(
+                ErrorKind::Config,
+                format!(
+                    "cannot send command {}: the outbox has no reply channel \
+                     (use store.outbox().replies_to(channel))",
+                    C::TYPE
+                ),
+            )
+        })?;
+        let (msg, row) = command_message(cmd, reply_to, &correlation)?;
+        self.check(&msg)?;
+        tx.write_correlations(std::slice::from_ref(&row)).await?;
+        tx.write_outbox(std::slice::from_ref(&msg)).await?;
+        Ok(msg.id)
+    }
+
+    /// Send notification `n` (a one-way command: no reply, no correlation row) in the
+    /// transaction `tx`, keyed by `key` when given.
+    ///
+    /// ```no_run
+    /// # async fn f<N: courier_core::Notification>(store: courier_postgres::PgStore, n: N) -> Result<(), Box<dyn std::error::Error>> {
+    /// let mut tx = store.begin().await?;
+    /// store.outbox().notify(&mut tx, &n, Some("consumer-7")).await?;
+    /// tx.commit().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn notify<N: Notification, T: OutboxTarget + ?Sized>(
+        &self,
+        tx: &mut T,
+        n: &N,
+        key: Option<&str>,
+    ) -> Result<MessageId> {
+        self.send(tx, notification_message(n, key)?).await
+    }
+
+    /// Publish domain event `e` in the transaction `tx` (channel = its aggregate type,
+    /// key = its aggregate id).
+    ///
+    /// ```no_run
+    /// # async fn f<E: courier_core::DomainEvent>(store: courier_postgres::PgStore, e: E) -> Result<(), Box<dyn std::error::Error>> {
+    /// let mut tx = store.begin().await?;
+    /// // ... the change to the aggregate on &mut *tx ...
+    /// store.outbox().publish_event(&mut tx, &e).await?;
+    /// tx.commit().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn publish_event<E: DomainEvent, T: OutboxTarget + ?Sized>(
+        &self,
+        tx: &mut T,
+        e: &E,
+    ) -> Result<MessageId> {
+        self.send(tx, event_message(e)?).await
     }
 
     fn check(&self, m: &Message) -> Result<()> {

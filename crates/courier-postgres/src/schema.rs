@@ -42,6 +42,40 @@ const SCHEMA: &[&str] = &[
         holder TEXT,
         generation BIGINT NOT NULL,
         expires_at TIMESTAMPTZ NOT NULL)",
+    // Commands this service sent and the replies that came back: the sender's half of
+    // request/reply, so any instance can handle a reply or a deadline, even after a
+    // restart. `expected` is a JSON array of responder names; `state` is one of pending,
+    // done, timed-out, failed.
+    "CREATE TABLE IF NOT EXISTS courier_correlation (
+        correlation_id TEXT PRIMARY KEY,
+        command_type TEXT NOT NULL,
+        channel TEXT NOT NULL,
+        data TEXT NOT NULL,
+        deadline_ms BIGINT NULL,
+        expected TEXT NOT NULL,
+        expected_count INTEGER NOT NULL,
+        gather BOOLEAN NOT NULL,
+        state TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        error TEXT NULL,
+        created_at_ms BIGINT NOT NULL,
+        completed_at_ms BIGINT NULL)",
+    // The deadline timer's scan, and pruning: both only touch the rows they look for.
+    "CREATE INDEX IF NOT EXISTS courier_correlation_due
+        ON courier_correlation (deadline_ms) WHERE state = 'pending' AND deadline_ms IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS courier_correlation_done
+        ON courier_correlation (completed_at_ms) WHERE state <> 'pending'",
+    // One reply per responder (a redelivered reply is a conflict); `seq` keeps arrival
+    // order.
+    "CREATE TABLE IF NOT EXISTS courier_correlation_replies (
+        correlation_id TEXT NOT NULL,
+        responder TEXT NOT NULL,
+        message_id TEXT NOT NULL,
+        headers TEXT NOT NULL,
+        payload BYTEA NOT NULL,
+        received_at_ms BIGINT NOT NULL,
+        seq BIGSERIAL,
+        PRIMARY KEY (correlation_id, responder))",
 ];
 
 /// Create Courier's tables in the current schema if they are missing; returns that schema.

@@ -5,8 +5,8 @@ use crate::error::{connect_error, map, redact_url};
 use bytes::Bytes;
 use courier_core::dead_letter::DeadLetterRecord;
 use courier_core::{
-    DeadLetter, DeadLetterReason, DeadLetterStatus, Error, Message, MessageStore, NewDeadLetter,
-    Result, now_ms,
+    CorrelationRecord, DeadLetter, DeadLetterReason, DeadLetterStatus, Error, Message,
+    MessageStore, NewCorrelation, NewDeadLetter, ReplyApplied, ReplyRecord, Result, now_ms,
 };
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, Postgres, Row, Transaction};
@@ -520,5 +520,66 @@ impl MessageStore for PgStore {
             .map_err(self.err("parking messages again"))?;
         }
         self.commit(tx).await
+    }
+
+    // ---- correlation state: see crate::correlation for the SQL -------------------
+
+    async fn correlation_insert(&self, tx: &mut Self::Tx, rows: &[NewCorrelation]) -> Result<()> {
+        crate::correlation::insert(tx, rows, &self.inner.describe).await
+    }
+
+    async fn correlation_reply(
+        &self,
+        tx: &mut Self::Tx,
+        correlation_id: &str,
+        reply: &ReplyRecord,
+    ) -> Result<ReplyApplied> {
+        crate::correlation::reply(tx, correlation_id, reply, &self.inner.describe).await
+    }
+
+    async fn correlation_expire(
+        &self,
+        tx: &mut Self::Tx,
+        now_ms: u64,
+        limit: u32,
+    ) -> Result<Vec<CorrelationRecord>> {
+        crate::correlation::expire(tx, now_ms, limit, &self.inner.describe).await
+    }
+
+    async fn correlation_retry_later(
+        &self,
+        tx: &mut Self::Tx,
+        correlation_id: &str,
+        error: &str,
+        retry_at_ms: u64,
+        give_up: bool,
+    ) -> Result<()> {
+        crate::correlation::retry_later(
+            tx,
+            correlation_id,
+            error,
+            retry_at_ms,
+            give_up,
+            &self.inner.describe,
+        )
+        .await
+    }
+
+    async fn correlation_get(&self, correlation_id: &str) -> Result<Option<CorrelationRecord>> {
+        let mut conn = self
+            .pool()
+            .acquire()
+            .await
+            .map_err(self.err("reading a correlation row"))?;
+        crate::correlation::get(&mut conn, correlation_id, &self.inner.describe).await
+    }
+
+    async fn prune_correlations(&self, older_than_ms: u64, batch: u32) -> Result<u64> {
+        let mut conn = self
+            .pool()
+            .acquire()
+            .await
+            .map_err(self.err("pruning correlations"))?;
+        crate::correlation::prune(&mut conn, older_than_ms, batch, &self.inner.describe).await
     }
 }

@@ -117,33 +117,59 @@ pub(crate) async fn open_pool_with(
         ));
     }
     let options = connect_options(path, sync, wait);
-    let pool = SqlitePoolOptions::new()
-        .max_connections(max_connections.max(1))
-        .min_connections(1)
-        .acquire_timeout(Duration::from_secs(30))
-        // A local file cannot drop the connection: skip the ping on every acquire.
-        .test_before_acquire(false)
-        .connect_with(options)
-        .await
-        .map_err(|e| {
-            crate::error::map(
-                format!(
-                    "cannot open SQLite database {} (is it a SQLite file, and writable?)",
-                    path.display()
-                ),
-                e,
-            )
-        })?;
-    // A file that is not a database only fails on first use: check now, clearly.
-    sqlx::query("SELECT count(*) FROM sqlite_master")
-        .execute(&pool)
-        .await
-        .map_err(|e| {
-            crate::error::map(
-                format!("{} is not a usable SQLite database", path.display()),
-                e,
-            )
-        })?;
+    // Several processes opening a new file at once race to switch it to WAL, which takes
+    // the write lock: the losers see SQLITE_BUSY (at once when Courier does the waiting).
+    // Retry with back-off, as `begin_immediate` does, instead of failing the start-up.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut delay_ms = 1u64;
+    let pool = loop {
+        let attempt = SqlitePoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .min_connections(1)
+            .acquire_timeout(Duration::from_secs(30))
+            // A local file cannot drop the connection: skip the ping on every acquire.
+            .test_before_acquire(false)
+            .connect_with(options.clone())
+            .await;
+        // A file that is not a database only fails on first use: check now, clearly.
+        let attempt = match attempt {
+            Ok(pool) => match sqlx::query("SELECT count(*) FROM sqlite_master")
+                .execute(&pool)
+                .await
+            {
+                Ok(_) => Ok(pool),
+                Err(sqlx::Error::Database(db)) if !is_busy(db.code().as_deref()) => {
+                    return Err(crate::error::map(
+                        format!("{} is not a usable SQLite database", path.display()),
+                        sqlx::Error::Database(db),
+                    ));
+                }
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        match attempt {
+            Err(sqlx::Error::Database(db))
+                if is_busy(db.code().as_deref()) && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(
+                    delay_ms / 2 + fastrand::u64(0..=delay_ms / 2 + 1),
+                ))
+                .await;
+                delay_ms = (delay_ms * 2).min(50);
+            }
+            other => break other,
+        }
+    }
+    .map_err(|e| {
+        crate::error::map(
+            format!(
+                "cannot open SQLite database {} (is it a SQLite file, and writable?)",
+                path.display()
+            ),
+            e,
+        )
+    })?;
     Ok(pool)
 }
 

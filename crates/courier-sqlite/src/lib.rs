@@ -14,6 +14,7 @@
 
 mod broker;
 mod connect;
+mod correlation;
 mod error;
 mod outbox;
 mod reference;

@@ -7,8 +7,9 @@ use crate::writer::{LockedConnection, StoreTx};
 use bytes::Bytes;
 use courier_core::dead_letter::DeadLetterRecord;
 use courier_core::{
-    DeadLetter, DeadLetterReason, DeadLetterStatus, Error, Message, MessageStore, NewDeadLetter,
-    OutboxRow, OutboxSource, Result, now_ms,
+    CorrelationRecord, DeadLetter, DeadLetterReason, DeadLetterStatus, Error, Message,
+    MessageStore, NewCorrelation, NewDeadLetter, OutboxRow, OutboxSource, ReplyApplied,
+    ReplyRecord, Result, now_ms,
 };
 use sqlx::sqlite::{SqliteConnection, SqlitePool, SqliteRow};
 use sqlx::{Row, Sqlite};
@@ -127,6 +128,7 @@ impl SqliteStore {
         let path = path.as_ref().to_path_buf();
         let pool = connect::open_pool(&path, options.sync, options.max_connections).await?;
         connect::apply_schema(&pool, &path, SCHEMA).await?;
+        connect::apply_schema(&pool, &path, crate::correlation::SCHEMA).await?;
         let read = LockedConnection::open(
             &connect::connect_options(&path, options.sync, connect::LockWait::InSqlite),
             path.clone(),
@@ -658,6 +660,55 @@ impl MessageStore for SqliteStore {
 
     async fn outbox_insert(&self, tx: &mut Self::Tx, messages: &[Message]) -> Result<()> {
         insert_outbox(tx, messages).await
+    }
+
+    async fn correlation_insert(&self, tx: &mut Self::Tx, rows: &[NewCorrelation]) -> Result<()> {
+        crate::correlation::insert(tx, rows).await
+    }
+
+    async fn correlation_reply(
+        &self,
+        tx: &mut Self::Tx,
+        correlation_id: &str,
+        reply: &ReplyRecord,
+    ) -> Result<ReplyApplied> {
+        crate::correlation::reply(tx, correlation_id, reply).await
+    }
+
+    async fn correlation_expire(
+        &self,
+        tx: &mut Self::Tx,
+        now_ms: u64,
+        limit: u32,
+    ) -> Result<Vec<CorrelationRecord>> {
+        crate::correlation::expire(tx, now_ms, limit).await
+    }
+
+    async fn correlation_retry_later(
+        &self,
+        tx: &mut Self::Tx,
+        correlation_id: &str,
+        error: &str,
+        retry_at_ms: u64,
+        give_up: bool,
+    ) -> Result<()> {
+        crate::correlation::retry_later(tx, correlation_id, error, retry_at_ms, give_up).await
+    }
+
+    async fn correlation_get(&self, correlation_id: &str) -> Result<Option<CorrelationRecord>> {
+        let mut conn = self
+            .pool()
+            .acquire()
+            .await
+            .map_err(self.err("reading a correlation row"))?;
+        crate::correlation::get(&mut conn, correlation_id).await
+    }
+
+    async fn prune_correlations(&self, older_than_ms: u64, batch: u32) -> Result<u64> {
+        let mut tx = self.begin().await?;
+        let n = crate::correlation::prune(&mut tx, older_than_ms, batch).await?;
+        tx.commit().await?;
+        Ok(n)
     }
 
     async fn dead_letter_insert(&self, tx: &mut Self::Tx, dl: &NewDeadLetter) -> Result<()> {

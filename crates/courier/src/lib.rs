@@ -16,10 +16,10 @@
 //! The [`Relay`] publishes any store's outbox through any [`Publisher`].
 //!
 //! ```no_run
-//! use courier::{ChannelName, Contract, JsonCodec, MessageKind};
+//! use courier::{ChannelName, Contract, Codec, MessageKind};
 //! use courier::sqlite::{SqliteBroker, SqliteStore};
 //!
-//! #[derive(serde::Serialize, serde::Deserialize)]
+//! #[derive(serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 //! struct OrderPlaced { order_id: String }
 //! impl Contract for OrderPlaced {
 //!     const TYPE: &'static str = "order.OrderPlaced";
@@ -31,12 +31,14 @@
 //! let orders = ChannelName::new("order")?;
 //! let mut tx = store.begin().await?;
 //! // ... the business change on &mut *tx ...
-//! let msg = JsonCodec::encode_to(&OrderPlaced { order_id: "o-1".into() }, &orders)?.with_key("o-1")?;
+//! let msg = Codec::encode_to(&OrderPlaced { order_id: "o-1".into() }, &orders)?.with_key("o-1")?;
 //! store.outbox().send(&mut tx, msg).await?;
 //! tx.commit().await?;
 //! # Ok(()) }
 //! ```
 #![deny(missing_docs)]
+
+pub mod connect;
 
 pub use courier_core as core;
 pub use courier_core::*;

@@ -15,7 +15,7 @@ use courier::core::{OutboxSource, Relay};
 use courier::postgres::{PgLogTailing, PgStore};
 use courier::sqlite::{SqliteBroker, SqliteBrokerConfig, Sync};
 use courier::{
-    ChannelName, Contract, Dispatcher, DispatcherConfig, GroupName, HandlerContext, JsonCodec,
+    ChannelName, Codec, Contract, Dispatcher, DispatcherConfig, GroupName, HandlerContext,
     MessageKind, SubscribeOptions,
 };
 use serde::{Deserialize, Serialize};
@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
 /// The bench channel on the embedded broker (its file is the bench's own).
-const CHANNEL: &str = "bench";
-const GROUP: &str = "bench-consumer";
+pub(crate) const CHANNEL: &str = "bench";
+pub(crate) const GROUP: &str = "bench-consumer";
 /// How long each raw reference is measured.
 const RAW_DURATION: Duration = Duration::from_secs(1);
 
@@ -194,8 +194,8 @@ fn parse_schema_prefix(s: &str) -> std::result::Result<String, String> {
     }
 }
 
-#[derive(Serialize, Deserialize)]
-struct Ping {
+#[derive(Serialize, Deserialize, schemars::JsonSchema)]
+pub(crate) struct Ping {
     n: u64,
     ts_us: u64,
     pad: String,
@@ -559,8 +559,7 @@ async fn relay_only<S: BenchStore, R: OutboxSource>(
             pad: pad.clone(),
         };
         batch.push(
-            JsonCodec::encode_to(&ping, &channel)?
-                .with_key(format!("key-{}", n % args.keys.max(1)))?,
+            Codec::encode_to(&ping, &channel)?.with_key(format!("key-{}", n % args.keys.max(1)))?,
         );
         if batch.len() == 500 || n + 1 == total {
             store.fill_outbox(&batch).await?;
@@ -742,7 +741,7 @@ async fn run_with_channel<S: BenchStore, R: OutboxSource>(
                     pad: pad.clone(),
                 };
                 let msg =
-                    JsonCodec::encode_to(&ping, &channel)?.with_key(format!("key-{}", n % keys))?;
+                    Codec::encode_to(&ping, &channel)?.with_key(format!("key-{}", n % keys))?;
                 if let Err(e) = produce_retrying(&store, n, &pad, msg, give_up).await {
                     producer_failed.store(true, Ordering::Relaxed);
                     return Err(e);

@@ -10,6 +10,8 @@ use std::sync::mpsc;
 use std::time::Duration;
 use tempfile::TempDir;
 
+mod asyncapi;
+
 /// Longest a test waits for a process it expects to finish.
 const DEADLINE: Duration = Duration::from_secs(30);
 

@@ -9,7 +9,7 @@
 
 use courier::postgres::PgStore;
 use courier::sqlite::SqliteStore;
-use courier::{ChannelName, Contract, JsonCodec, MessageKind};
+use courier::{ChannelName, Codec, Contract, MessageKind};
 use serde::Serialize;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 const N: u64 = 3000;
 
-#[derive(Serialize, serde::Deserialize)]
+#[derive(Serialize, serde::Deserialize, schemars::JsonSchema)]
 struct Ping {
     n: u64,
     ts_us: u64,
@@ -93,7 +93,7 @@ impl Stores {
                         ts_us: 0,
                         pad: "x".repeat(100),
                     };
-                    JsonCodec::encode_to(&ping, channel)
+                    Codec::encode_to(&ping, channel)
                         .unwrap()
                         .with_key(format!("key-{}", n % 37))
                         .unwrap()

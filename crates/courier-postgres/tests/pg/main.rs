@@ -7,6 +7,7 @@
 //! it the tests skip, except under `CI`, where they fail.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod correlation;
 mod support;
 
 use courier_core::{

@@ -4,8 +4,8 @@
 #![allow(unreachable_pub, dead_code)]
 
 use courier_core::{
-    ChannelName, Contract, Dispatcher, DispatcherConfig, GroupName, HandlerContext, HandlerError,
-    JsonCodec, Message, MessageKind, Publisher, RetryPolicy, SubscribeOptions, Subscriber,
+    ChannelName, Codec, Contract, Dispatcher, DispatcherConfig, GroupName, HandlerContext,
+    HandlerError, Message, MessageKind, Publisher, RetryPolicy, SubscribeOptions, Subscriber,
 };
 use courier_postgres::PgStore;
 use courier_sqlite::{SqliteBroker, SqliteBrokerConfig};
@@ -99,7 +99,7 @@ impl Drop for Schema {
 }
 
 /// A unit of work: `fail_transient` failures before success, or a permanent failure.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct Work {
     pub key: String,
     pub n: u32,
@@ -115,7 +115,7 @@ impl Contract for Work {
 }
 
 /// What the handler produces.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct WorkDone {
     pub key: String,
     pub n: u32,
@@ -188,7 +188,7 @@ impl Env {
     }
 
     pub fn message(&self, w: &Work) -> Message {
-        JsonCodec::encode_to(w, &self.channel)
+        Codec::encode_to(w, &self.channel)
             .unwrap()
             .with_key(w.key.clone())
             .unwrap()

@@ -2,9 +2,10 @@
 //! retries, dead letters, parking, redrive, bad input, atomic consume → produce.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod correlations;
 mod support;
 
-use courier_core::{DeadLetterReason, DeadLetterStatus, JsonCodec, Message, MessageStore, headers};
+use courier_core::{Codec, DeadLetterReason, DeadLetterStatus, Message, MessageStore, headers};
 use std::time::Duration;
 use support::*;
 
@@ -388,7 +389,7 @@ async fn inbox_rows_are_pruned_in_batches() {
         "young rows are kept"
     );
     assert_eq!(e.store.prune_inbox(0, 100).await.unwrap(), 250);
-    let _ = JsonCodec;
+    let _ = Codec;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

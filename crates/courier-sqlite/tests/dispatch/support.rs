@@ -2,8 +2,8 @@
 #![allow(unreachable_pub, dead_code)]
 
 use courier_core::{
-    ChannelName, Contract, Dispatcher, DispatcherConfig, GroupName, HandlerContext, HandlerError,
-    JsonCodec, Message, MessageKind, Publisher, RetryPolicy, SubscribeOptions, Subscriber,
+    ChannelName, Codec, Contract, Dispatcher, DispatcherConfig, GroupName, HandlerContext,
+    HandlerError, Message, MessageKind, Publisher, RetryPolicy, SubscribeOptions, Subscriber,
 };
 use courier_sqlite::{SqliteBroker, SqliteBrokerConfig, SqliteStore};
 use serde::{Deserialize, Serialize};
@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 /// A unit of work: `fail_transient` failures before success, or a permanent failure.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct Work {
     pub key: String,
     pub n: u32,
@@ -30,7 +30,7 @@ impl Contract for Work {
 }
 
 /// What the handler produces.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct WorkDone {
     pub key: String,
     pub n: u32,
@@ -97,7 +97,7 @@ impl Env {
     }
 
     pub fn message(&self, w: &Work) -> Message {
-        JsonCodec::encode_to(w, &self.channel)
+        Codec::encode_to(w, &self.channel)
             .unwrap()
             .with_key(w.key.clone())
             .unwrap()
