@@ -47,6 +47,8 @@ enum Command {
         about = "End-to-end benchmark: outbox -> relay -> broker -> consumer group with inbox"
     )]
     Bench(bench::BenchArgs),
+    Asyncapi(cmd::asyncapi::Args),
+    Contract(cmd::contract::Args),
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -58,6 +60,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dlq(args) => cmd::dlq::run(args, json).await,
         Command::Relay(args) => cmd::relay::run(args).await,
         Command::Bench(args) => bench::run(args, json).await,
+        Command::Asyncapi(args) => cmd::asyncapi::run(args),
+        Command::Contract(args) => cmd::contract::run(args),
     }
 }
 
@@ -77,6 +81,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         // `courier tail | head -3`: the reader went away, which is not an error.
         Err(e) if cmd::common::is_broken_pipe(&e) => ExitCode::SUCCESS,
+        // `courier contract check`: 1 breaking, 2 unreadable document.
+        Err(e) if e.is::<cmd::contract::Exit>() => e
+            .downcast_ref::<cmd::contract::Exit>()
+            .map_or(ExitCode::FAILURE, cmd::contract::Exit::report),
         Err(e) => {
             eprintln!("error: {}", describe(&e));
             ExitCode::FAILURE
