@@ -21,8 +21,8 @@ use crate::handler::{
 };
 use crate::headers::Headers;
 use crate::interaction::{
-    Command, CommandReply, DomainEvent, ErasedReplyHandler, GatherHandler, Gathered, Notification,
-    Requester, TypedReplyHandler,
+    Command, CommandReply, DomainEvent, ErasedReplyHandler, Gathered, Notification, ReplyHandlerFn,
+    Requester,
 };
 use crate::message::{DEFAULT_MAX_MESSAGE_BYTES, Message, MessageId, now_ms};
 use crate::names::ChannelName;
@@ -371,10 +371,7 @@ impl<S: MessageStore> Dispatcher<S> {
     {
         self.reply_handlers.insert(
             C::TYPE.to_owned(),
-            Arc::new(TypedReplyHandler::<C, F> {
-                f: handler,
-                _c: std::marker::PhantomData,
-            }),
+            Arc::new(ReplyHandlerFn::<C, CommandReply<C>, F>::new(handler)),
         );
         self.push_reply_ops::<C>();
         self
@@ -390,10 +387,7 @@ impl<S: MessageStore> Dispatcher<S> {
     {
         self.reply_handlers.insert(
             C::TYPE.to_owned(),
-            Arc::new(GatherHandler::<C, F> {
-                f: handler,
-                _c: std::marker::PhantomData,
-            }),
+            Arc::new(ReplyHandlerFn::<C, Gathered<C>, F>::new(handler)),
         );
         self.push_reply_ops::<C>();
         self

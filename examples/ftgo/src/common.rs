@@ -1,11 +1,13 @@
 //! What the three services share: flags, opening the database and the broker, the HTTP
 //! server next to the relay and the dispatcher, JSON errors that name the field.
 
+use crate::db::ServiceDb;
 use anyhow::Context as _;
 use axum::Json;
 use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use courier::postgres::PgStore;
 use courier::sqlite::SqliteStore;
 use courier::{
     ChannelName, Dispatcher, GroupName, Relay, ServiceDescription, SubscribeOptions, Subscription,
@@ -17,7 +19,12 @@ use std::path::PathBuf;
 /// Flags of every service.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct ServiceArgs {
-    /// The service's own database: `sqlite:FILE` [default: sqlite:.ftgo/<service>.db].
+    /// The service's own database: `sqlite:FILE` [default: sqlite:.ftgo/<service>.db] or
+    /// `postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE`. Courier's tables and the
+    /// service's go to the first schema of the search_path, so services sharing one
+    /// PostgreSQL database each name their own schema, e.g.
+    /// `postgres://postgres@127.0.0.1/ftgo?options=-csearch_path%3Dftgo_order`; the
+    /// service creates that schema when it is missing.
     #[arg(long, value_name = "URL")]
     pub(crate) db: Option<String>,
     /// The broker: `sqlite:FILE`, `postgres://…`, `nats://…` or `amqp://…`
@@ -59,61 +66,88 @@ pub(crate) fn asyncapi_requested(
     Ok(true)
 }
 
+/// A service opened on the database `--db` names: the service's code is generic over
+/// [`ServiceDb`], `main` picks the instance.
+pub(crate) enum Opened {
+    /// `--db sqlite:FILE`.
+    Sqlite(Service<SqliteStore>),
+    /// `--db postgres://…`.
+    Postgres(Service<PgStore>),
+}
+
+/// Open the database and the broker named by the flags (defaults under ./.ftgo/); the
+/// REST API listens on `--listen` or 127.0.0.1:`port`.
+pub(crate) async fn open(
+    name: &'static str,
+    args: &ServiceArgs,
+    port: u16,
+) -> anyhow::Result<Opened> {
+    let db = args
+        .db
+        .clone()
+        .unwrap_or_else(|| format!("sqlite:.ftgo/{name}.db"));
+    let broker = args
+        .broker
+        .clone()
+        .unwrap_or_else(|| "sqlite:.ftgo/broker.db".to_owned());
+    let scheme = db
+        .split_once(':')
+        .map(|(scheme, _)| scheme.to_ascii_lowercase())
+        .unwrap_or_default();
+    let postgres = match scheme.as_str() {
+        "sqlite" => false,
+        "postgres" | "postgresql" => true,
+        _ => anyhow::bail!(
+            "--db {}: expected sqlite:FILE or postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE",
+            courier::connect::redact(&db)
+        ),
+    };
+    for url in [&db, &broker] {
+        if let Some(path) = url.strip_prefix("sqlite:")
+            && let Some(dir) = PathBuf::from(path).parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create the directory {}", dir.display()))?;
+        }
+    }
+    let listen = args
+        .listen
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], port)));
+    Ok(if postgres {
+        Opened::Postgres(Service::open(name, &db, &broker, listen).await?)
+    } else {
+        Opened::Sqlite(Service::open(name, &db, &broker, listen).await?)
+    })
+}
+
 /// A running service's database and broker.
-pub(crate) struct Service {
+pub(crate) struct Service<S> {
     pub(crate) name: &'static str,
-    pub(crate) store: SqliteStore,
+    pub(crate) store: S,
     pub(crate) broker: courier::connect::Broker,
     listen: SocketAddr,
 }
 
-impl Service {
-    /// Open the database and the broker named by the flags (defaults under ./.ftgo/).
-    pub(crate) async fn open(
+impl<S: ServiceDb> Service<S> {
+    async fn open(
         name: &'static str,
-        args: &ServiceArgs,
-        port: u16,
+        db: &str,
+        broker: &str,
+        listen: SocketAddr,
     ) -> anyhow::Result<Self> {
-        let db = args
-            .db
-            .clone()
-            .unwrap_or_else(|| format!("sqlite:.ftgo/{name}.db"));
-        let broker = args
-            .broker
-            .clone()
-            .unwrap_or_else(|| "sqlite:.ftgo/broker.db".to_owned());
-        for url in [&db, &broker] {
-            if let Some(path) = url.strip_prefix("sqlite:")
-                && let Some(dir) = PathBuf::from(path).parent()
-                && !dir.as_os_str().is_empty()
-            {
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("cannot create the directory {}", dir.display()))?;
-            }
-        }
-        if !db.starts_with("sqlite:") {
-            anyhow::bail!(
-                "--db {}: the FTGO services keep their business tables on SQLite \
-                 (sqlite:FILE); the broker can be any of sqlite:, postgres://, nats://, amqp://",
-                courier::connect::redact(&db)
-            );
-        }
-        let store = SqliteStore::connect(&db)
-            .await
-            .with_context(|| format!("cannot open the service database {db}"))?;
-        let broker = courier::connect::broker(&broker).await.with_context(|| {
+        let store = S::open(db).await?;
+        let broker = courier::connect::broker(broker).await.with_context(|| {
             format!(
                 "cannot open the broker {}",
-                courier::connect::redact(&broker)
+                courier::connect::redact(broker)
             )
         })?;
         Ok(Self {
             name,
             store,
             broker,
-            listen: args
-                .listen
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], port))),
+            listen,
         })
     }
 
@@ -132,7 +166,7 @@ impl Service {
     pub(crate) async fn serve(
         self,
         app: axum::Router,
-        dispatcher: Dispatcher<SqliteStore>,
+        dispatcher: Dispatcher<S>,
         subscriptions: Vec<Subscription>,
     ) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(self.listen)

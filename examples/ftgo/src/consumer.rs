@@ -1,13 +1,13 @@
 //! `ftgo consumer-service`: consumers; answers `ValidateConsumerInfo`.
 
-use crate::common::{self, ApiError, JsonBody, Service, ServiceArgs, Validate};
+use crate::common::{self, ApiError, JsonBody, Opened, Service, ServiceArgs, Validate};
 use crate::contracts::*;
+use crate::db::{ServiceDb, create_tables, query, query_as, query_scalar};
 use crate::openapi::{OpenApi, error_ref};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use courier::sqlite::SqliteStore;
 use courier::{Dispatcher, GroupName, HandlerContext, HandlerError, Rejection, ServiceDescription};
 use serde::{Deserialize, Serialize};
 
@@ -43,37 +43,32 @@ pub(crate) struct Created {
     pub(crate) id: String,
 }
 
-async fn create_tables(store: &SqliteStore) -> anyhow::Result<()> {
-    sqlx::query(
-        "CREATE TABLE IF NOT EXISTS consumers (id TEXT PRIMARY KEY, name TEXT NOT NULL,
-           suspended INTEGER NOT NULL DEFAULT 0)",
-    )
-    .execute(store.pool())
-    .await?;
-    Ok(())
-}
+/// The service's tables (`suspended` is 0 or 1).
+const TABLES: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS consumers (id TEXT PRIMARY KEY, name TEXT NOT NULL,
+       suspended BIGINT NOT NULL DEFAULT 0)",
+];
 
-async fn create(
-    State(store): State<SqliteStore>,
+async fn create<S: ServiceDb>(
+    State(store): State<S>,
     JsonBody(body): JsonBody<CreateConsumer>,
 ) -> Result<(StatusCode, Json<Created>), ApiError> {
     let id = common::new_id();
     let mut tx = store.begin().await?;
-    sqlx::query("INSERT INTO consumers (id, name) VALUES (?, ?)")
+    query("INSERT INTO consumers (id, name) VALUES ($1, $2)")
         .bind(&id)
         .bind(&body.name)
         .execute(&mut *tx)
         .await?;
-    tx.commit().await?;
+    store.commit(tx).await?;
     Ok((StatusCode::CREATED, Json(Created { id })))
 }
 
-async fn find(store: &SqliteStore, id: &str) -> Result<ConsumerView, ApiError> {
-    let row =
-        sqlx::query_as::<_, (String, i64)>("SELECT name, suspended FROM consumers WHERE id = ?")
-            .bind(id)
-            .fetch_optional(store.pool())
-            .await?;
+async fn find<S: ServiceDb>(store: &S, id: &str) -> Result<ConsumerView, ApiError> {
+    let row = query_as::<(String, i64)>("SELECT name, suspended FROM consumers WHERE id = $1")
+        .bind(id)
+        .fetch_optional(&mut *store.acquire().await?)
+        .await?;
     match row {
         Some((name, suspended)) => Ok(ConsumerView {
             id: id.to_owned(),
@@ -84,24 +79,23 @@ async fn find(store: &SqliteStore, id: &str) -> Result<ConsumerView, ApiError> {
     }
 }
 
-async fn show(
-    State(store): State<SqliteStore>,
+async fn show<S: ServiceDb>(
+    State(store): State<S>,
     Path(id): Path<String>,
 ) -> Result<Json<ConsumerView>, ApiError> {
     Ok(Json(find(&store, &id).await?))
 }
 
-async fn suspend(
-    State(store): State<SqliteStore>,
+async fn suspend<S: ServiceDb>(
+    State(store): State<S>,
     Path(id): Path<String>,
 ) -> Result<Json<ConsumerView>, ApiError> {
     let mut tx = store.begin().await?;
-    let n = sqlx::query("UPDATE consumers SET suspended = 1 WHERE id = ?")
+    let n = query("UPDATE consumers SET suspended = 1 WHERE id = $1")
         .bind(&id)
         .execute(&mut *tx)
-        .await?
-        .rows_affected();
-    tx.commit().await?;
+        .await?;
+    store.commit(tx).await?;
     if n == 0 {
         return Err(ApiError::not_found(format!("no consumer {id}")));
     }
@@ -109,11 +103,11 @@ async fn suspend(
 }
 
 /// Known and not suspended, or why not.
-async fn validate_consumer(
-    ctx: HandlerContext<SqliteStore>,
+async fn validate_consumer<S: ServiceDb>(
+    ctx: HandlerContext<S>,
     cmd: ValidateConsumerInfo,
 ) -> Result<Result<ConsumerValidated, Rejection>, HandlerError> {
-    let row = sqlx::query_scalar::<_, i64>("SELECT suspended FROM consumers WHERE id = ?")
+    let row = query_scalar::<i64>("SELECT suspended FROM consumers WHERE id = $1")
         .bind(&cmd.consumer_id)
         .fetch_optional(&mut *ctx.tx().await)
         .await?;
@@ -184,18 +178,25 @@ pub(crate) async fn main(args: ServiceArgs) -> anyhow::Result<()> {
     if common::asyncapi_requested(&args, &description())? {
         return Ok(());
     }
-    let svc = Service::open(NAME, &args, 8082).await?;
-    create_tables(&svc.store).await?;
-    let d = Dispatcher::new(svc.store.clone(), GroupName::new(NAME)?).on_command(validate_consumer);
+    match common::open(NAME, &args, 8082).await? {
+        Opened::Sqlite(svc) => run(svc).await,
+        Opened::Postgres(svc) => run(svc).await,
+    }
+}
+
+async fn run<S: ServiceDb>(svc: Service<S>) -> anyhow::Result<()> {
+    create_tables(&svc.store, TABLES).await?;
+    let d = Dispatcher::new(svc.store.clone(), GroupName::new(NAME)?)
+        .on_command(validate_consumer::<S>);
     let subs = vec![
         svc.subscribe(<ValidateConsumerInfo as courier::Command>::CHANNEL)
             .await?,
     ];
     let doc = openapi();
     let app = Router::new()
-        .route("/consumers", post(create))
-        .route("/consumers/{id}", get(show))
-        .route("/consumers/{id}/suspend", post(suspend))
+        .route("/consumers", post(create::<S>))
+        .route("/consumers/{id}", get(show::<S>))
+        .route("/consumers/{id}/suspend", post(suspend::<S>))
         .route("/health", get(common::health))
         .route("/openapi.json", get(move || async move { Json(doc) }))
         .with_state(svc.store.clone());

@@ -6,6 +6,7 @@
 mod common;
 mod consumer;
 mod contracts;
+mod db;
 mod demo;
 mod openapi;
 mod order;
@@ -21,7 +22,8 @@ use clap::{Parser, Subcommand};
 /// only when every order reached its expected state exactly once.
 ///
 /// Each service also runs on its own: `ftgo order-service --listen 127.0.0.1:8083`
-/// (defaults: databases under ./.ftgo/, one shared broker file ./.ftgo/broker.db).
+/// (defaults: databases under ./.ftgo/, one shared broker file ./.ftgo/broker.db);
+/// `--db postgres://…` keeps a service's tables and Courier's in PostgreSQL instead.
 /// `ftgo <service> asyncapi` prints the service's AsyncAPI document; each service serves
 /// its OpenAPI document at /openapi.json.
 #[derive(Debug, Parser)]

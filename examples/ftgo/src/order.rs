@@ -8,15 +8,15 @@
 //! valid order. An unknown restaurant is refused at once (422): nothing can be priced.
 //! The final total is the restaurant's (`OrderDetailsValidated.total_cents`).
 
-use crate::common::{self, ApiError, JsonBody, Service, ServiceArgs, Validate};
+use crate::common::{self, ApiError, JsonBody, Opened, Service, ServiceArgs, Validate};
 use crate::contracts::*;
+use crate::db::{Conn, ServiceDb, create_tables, query, query_as, query_scalar};
 use crate::openapi::{OpenApi, error_ref};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use courier::sqlite::SqliteStore;
 use courier::{
     ChannelName, CommandReply, Correlation, Dispatcher, GroupName, HandlerContext, HandlerError,
     Outcome, ServiceDescription,
@@ -127,35 +127,33 @@ pub(crate) struct ReplicaView {
     pub(crate) menu: Vec<MenuItem>,
 }
 
-async fn create_tables(store: &SqliteStore) -> anyhow::Result<()> {
-    for ddl in [
-        "CREATE TABLE IF NOT EXISTS replica_restaurants (id TEXT PRIMARY KEY, name TEXT NOT NULL, zones TEXT NOT NULL)",
-        "CREATE TABLE IF NOT EXISTS replica_menu (restaurant_id TEXT NOT NULL, id TEXT NOT NULL,
-           name TEXT NOT NULL, price_cents INTEGER NOT NULL, PRIMARY KEY (restaurant_id, id))",
-        "CREATE TABLE IF NOT EXISTS orders (id TEXT PRIMARY KEY, consumer_id TEXT NOT NULL,
-           restaurant_id TEXT NOT NULL, delivery_zone TEXT NOT NULL, line_items TEXT NOT NULL,
-           total_cents INTEGER NOT NULL, state TEXT NOT NULL, reason TEXT,
-           consumer_ok INTEGER NOT NULL DEFAULT 0, details_ok INTEGER NOT NULL DEFAULT 0,
-           created_at_ms INTEGER NOT NULL)",
-        "CREATE TABLE IF NOT EXISTS order_history (seq INTEGER PRIMARY KEY AUTOINCREMENT,
-           order_id TEXT NOT NULL, state TEXT NOT NULL, reason TEXT, at_ms INTEGER NOT NULL)",
-        "CREATE INDEX IF NOT EXISTS order_history_by_order ON order_history (order_id, seq)",
-        "CREATE TABLE IF NOT EXISTS idempotency (key TEXT PRIMARY KEY, request TEXT NOT NULL,
-           response TEXT NOT NULL)",
-    ] {
-        sqlx::query(ddl).execute(store.pool()).await?;
-    }
-    Ok(())
-}
+/// The service's tables (`zones` and `line_items` are JSON arrays; `ordinal` keeps the
+/// menu's order; `consumer_ok` and `details_ok` are 0 or 1).
+const TABLES: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS replica_restaurants (id TEXT PRIMARY KEY, name TEXT NOT NULL, zones TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS replica_menu (restaurant_id TEXT NOT NULL, id TEXT NOT NULL,
+       name TEXT NOT NULL, price_cents BIGINT NOT NULL, ordinal BIGINT NOT NULL,
+       PRIMARY KEY (restaurant_id, id))",
+    "CREATE TABLE IF NOT EXISTS orders (id TEXT PRIMARY KEY, consumer_id TEXT NOT NULL,
+       restaurant_id TEXT NOT NULL, delivery_zone TEXT NOT NULL, line_items TEXT NOT NULL,
+       total_cents BIGINT NOT NULL, state TEXT NOT NULL, reason TEXT,
+       consumer_ok BIGINT NOT NULL DEFAULT 0, details_ok BIGINT NOT NULL DEFAULT 0,
+       created_at_ms BIGINT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS order_history (seq {auto_id},
+       order_id TEXT NOT NULL, state TEXT NOT NULL, reason TEXT, at_ms BIGINT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS order_history_by_order ON order_history (order_id, seq)",
+    "CREATE TABLE IF NOT EXISTS idempotency (key TEXT PRIMARY KEY, request TEXT NOT NULL,
+       response TEXT NOT NULL)",
+];
 
 #[derive(Clone)]
-struct AppState {
-    store: SqliteStore,
+struct AppState<S> {
+    store: S,
     replies: ChannelName,
 }
 
-async fn place(
-    State(app): State<AppState>,
+async fn place<S: ServiceDb>(
+    State(app): State<AppState<S>>,
     headers: HeaderMap,
     JsonBody(body): JsonBody<PlaceOrder>,
 ) -> Result<(StatusCode, Json<OrderAccepted>), ApiError> {
@@ -175,8 +173,8 @@ async fn place(
     let store = &app.store;
     let mut tx = store.begin().await?;
     if let Some(key) = &key {
-        let seen = sqlx::query_as::<_, (String, String)>(
-            "SELECT request, response FROM idempotency WHERE key = ?",
+        let seen = query_as::<(String, String)>(
+            "SELECT request, response FROM idempotency WHERE key = $1",
         )
         .bind(key)
         .fetch_optional(&mut *tx)
@@ -194,11 +192,10 @@ async fn place(
         }
     }
     // Price from the replica; only an unknown restaurant is refused here.
-    let known =
-        sqlx::query_scalar::<_, String>("SELECT name FROM replica_restaurants WHERE id = ?")
-            .bind(&body.restaurant_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+    let known = query_scalar::<String>("SELECT name FROM replica_restaurants WHERE id = $1")
+        .bind(&body.restaurant_id)
+        .fetch_optional(&mut *tx)
+        .await?;
     if known.is_none() {
         return Err(ApiError::invalid(
             "restaurantId",
@@ -210,8 +207,8 @@ async fn place(
     }
     let mut total = 0i64;
     for l in &body.line_items {
-        let price = sqlx::query_scalar::<_, i64>(
-            "SELECT price_cents FROM replica_menu WHERE restaurant_id = ? AND id = ?",
+        let price = query_scalar::<i64>(
+            "SELECT price_cents FROM replica_menu WHERE restaurant_id = $1 AND id = $2",
         )
         .bind(&body.restaurant_id)
         .bind(&l.menu_item_id)
@@ -228,9 +225,9 @@ async fn place(
             quantity: l.quantity,
         })
         .collect();
-    sqlx::query(
+    query(
         "INSERT INTO orders (id, consumer_id, restaurant_id, delivery_zone, line_items,
-           total_cents, state, created_at_ms) VALUES (?, ?, ?, ?, ?, ?, 'PENDING', ?)",
+           total_cents, state, created_at_ms) VALUES ($1, $2, $3, $4, $5, $6, 'PENDING', $7)",
     )
     .bind(&order_id)
     .bind(&body.consumer_id)
@@ -241,17 +238,17 @@ async fn place(
     .bind(courier::now_ms() as i64)
     .execute(&mut *tx)
     .await?;
-    history(&mut tx, &order_id, "PENDING", None).await?;
-    let outbox = store.outbox().replies_to(app.replies.clone());
+    history(&mut *tx, &order_id, "PENDING", None).await?;
     let correlation = || -> Result<Correlation, ApiError> {
         Ok(Correlation::new()
             .data(&order_id)?
             .deadline_in(VALIDATION_DEADLINE)
             .key(order_id.clone()))
     };
-    outbox
+    store
         .send_command(
             &mut tx,
+            &app.replies,
             &ValidateConsumerInfo {
                 order_id: order_id.clone(),
                 consumer_id: body.consumer_id.clone(),
@@ -259,9 +256,10 @@ async fn place(
             correlation()?,
         )
         .await?;
-    outbox
+    store
         .send_command(
             &mut tx,
+            &app.replies,
             &ValidateOrderDetails {
                 order_id: order_id.clone(),
                 restaurant_id: body.restaurant_id.clone(),
@@ -271,7 +269,7 @@ async fn place(
             correlation()?,
         )
         .await?;
-    outbox
+    store
         .publish_event(
             &mut tx,
             &OrderStateChanged {
@@ -287,24 +285,24 @@ async fn place(
         total: common::units(total),
     };
     if let Some(key) = &key {
-        sqlx::query("INSERT INTO idempotency VALUES (?, ?, ?)")
+        query("INSERT INTO idempotency (key, request, response) VALUES ($1, $2, $3)")
             .bind(key)
             .bind(&request)
             .bind(serde_json::to_string(&accepted).unwrap_or_default())
             .execute(&mut *tx)
             .await?;
     }
-    tx.commit().await?;
+    store.commit(tx).await?;
     Ok((StatusCode::ACCEPTED, Json(accepted)))
 }
 
-async fn history(
-    conn: &mut sqlx::SqliteConnection,
+async fn history<C: Conn + ?Sized>(
+    conn: &mut C,
     order_id: &str,
     state: &str,
     reason: Option<&str>,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO order_history (order_id, state, reason, at_ms) VALUES (?, ?, ?, ?)")
+    query("INSERT INTO order_history (order_id, state, reason, at_ms) VALUES ($1, $2, $3, $4)")
         .bind(order_id)
         .bind(state)
         .bind(reason)
@@ -314,13 +312,13 @@ async fn history(
     Ok(())
 }
 
-async fn load(store: &SqliteStore, id: &str) -> Result<OrderView, ApiError> {
-    let row = sqlx::query_as::<_, (String, i64, Option<String>, String, String, String, String)>(
+async fn load<S: ServiceDb>(store: &S, id: &str) -> Result<OrderView, ApiError> {
+    let row = query_as::<(String, i64, Option<String>, String, String, String, String)>(
         "SELECT state, total_cents, reason, consumer_id, restaurant_id, delivery_zone, line_items
-         FROM orders WHERE id = ?",
+         FROM orders WHERE id = $1",
     )
     .bind(id)
-    .fetch_optional(store.pool())
+    .fetch_optional(&mut *store.acquire().await?)
     .await?;
     let Some((state, total, reason, consumer_id, restaurant_id, delivery_zone, items)) = row else {
         return Err(ApiError::not_found(format!("no order {id}")));
@@ -337,8 +335,8 @@ async fn load(store: &SqliteStore, id: &str) -> Result<OrderView, ApiError> {
     })
 }
 
-async fn show(
-    State(app): State<AppState>,
+async fn show<S: ServiceDb>(
+    State(app): State<AppState<S>>,
     Path(id): Path<String>,
 ) -> Result<Json<OrderView>, ApiError> {
     Ok(Json(load(&app.store, &id).await?))
@@ -350,8 +348,8 @@ fn terminal(state: &str) -> bool {
 
 /// Server-sent events: every state the order went through, then each new one, until it
 /// is VALIDATED or REJECTED.
-async fn events(
-    State(app): State<AppState>,
+async fn events<S: ServiceDb>(
+    State(app): State<AppState<S>>,
     Path(id): Path<String>,
 ) -> Result<Sse<impl futures::Stream<Item = Result<Event, std::convert::Infallible>>>, ApiError> {
     load(&app.store, &id).await?;
@@ -366,14 +364,7 @@ async fn events(
                 if done {
                     return None;
                 }
-                let rows = sqlx::query_as::<_, (i64, String, Option<String>)>(
-                    "SELECT seq, state, reason FROM order_history WHERE order_id = ? AND seq > ? ORDER BY seq",
-                )
-                .bind(&id)
-                .bind(after)
-                .fetch_all(store.pool())
-                .await
-                .unwrap_or_default();
+                let rows = history_since(&store, &id, after).await.unwrap_or_default();
                 for (seq, state, reason) in rows {
                     after = seq;
                     done |= terminal(&state);
@@ -400,26 +391,41 @@ async fn events(
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
-async fn replica(
-    State(app): State<AppState>,
+/// The order's states after `seq`, oldest first: `(seq, state, reason)`.
+async fn history_since<S: ServiceDb>(
+    store: &S,
+    order_id: &str,
+    seq: i64,
+) -> Result<Vec<(i64, String, Option<String>)>, sqlx::Error> {
+    query_as(
+        "SELECT seq, state, reason FROM order_history WHERE order_id = $1 AND seq > $2 ORDER BY seq",
+    )
+    .bind(order_id)
+    .bind(seq)
+    .fetch_all(&mut *store.acquire().await?)
+    .await
+}
+
+async fn replica<S: ServiceDb>(
+    State(app): State<AppState<S>>,
     Path(id): Path<String>,
 ) -> Result<Json<ReplicaView>, ApiError> {
-    let row = sqlx::query_as::<_, (String, String)>(
-        "SELECT name, zones FROM replica_restaurants WHERE id = ?",
-    )
-    .bind(&id)
-    .fetch_optional(app.store.pool())
-    .await?;
+    let mut conn = app.store.acquire().await?;
+    let row =
+        query_as::<(String, String)>("SELECT name, zones FROM replica_restaurants WHERE id = $1")
+            .bind(&id)
+            .fetch_optional(&mut *conn)
+            .await?;
     let Some((name, zones)) = row else {
         return Err(ApiError::not_found(format!(
             "restaurant {id} is not in the replica (yet)"
         )));
     };
-    let menu = sqlx::query_as::<_, (String, String, i64)>(
-        "SELECT id, name, price_cents FROM replica_menu WHERE restaurant_id = ? ORDER BY rowid",
+    let menu = query_as::<(String, String, i64)>(
+        "SELECT id, name, price_cents FROM replica_menu WHERE restaurant_id = $1 ORDER BY ordinal",
     )
     .bind(&id)
-    .fetch_all(app.store.pool())
+    .fetch_all(&mut *conn)
     .await?
     .into_iter()
     .map(|(id, name, price_cents)| MenuItem {
@@ -438,34 +444,38 @@ async fn replica(
 
 // ---- the replica, from restaurant events --------------------------------------------
 
-async fn replace_menu(
-    conn: &mut sqlx::SqliteConnection,
+async fn replace_menu<C: Conn + ?Sized>(
+    conn: &mut C,
     restaurant: &str,
     menu: &[MenuItem],
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM replica_menu WHERE restaurant_id = ?")
+    query("DELETE FROM replica_menu WHERE restaurant_id = $1")
         .bind(restaurant)
         .execute(&mut *conn)
         .await?;
-    for m in menu {
-        sqlx::query("INSERT INTO replica_menu VALUES (?, ?, ?, ?)")
-            .bind(restaurant)
-            .bind(&m.id)
-            .bind(&m.name)
-            .bind(m.price_cents)
-            .execute(&mut *conn)
-            .await?;
+    for (ordinal, m) in (0i64..).zip(menu) {
+        query(
+            "INSERT INTO replica_menu (restaurant_id, id, name, price_cents, ordinal)
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(restaurant)
+        .bind(&m.id)
+        .bind(&m.name)
+        .bind(m.price_cents)
+        .bind(ordinal)
+        .execute(&mut *conn)
+        .await?;
     }
     Ok(())
 }
 
-async fn on_restaurant_created(
-    ctx: HandlerContext<SqliteStore>,
+async fn on_restaurant_created<S: ServiceDb>(
+    ctx: HandlerContext<S>,
     e: RestaurantCreated,
 ) -> Result<(), HandlerError> {
     let mut conn = ctx.tx().await;
-    sqlx::query(
-        "INSERT INTO replica_restaurants VALUES (?, ?, ?)
+    query(
+        "INSERT INTO replica_restaurants (id, name, zones) VALUES ($1, $2, $3)
          ON CONFLICT (id) DO UPDATE SET name = excluded.name, zones = excluded.zones",
     )
     .bind(&e.restaurant_id)
@@ -473,12 +483,12 @@ async fn on_restaurant_created(
     .bind(serde_json::to_string(&e.zones).unwrap_or_default())
     .execute(&mut *conn)
     .await?;
-    replace_menu(&mut conn, &e.restaurant_id, &e.menu).await?;
+    replace_menu(&mut *conn, &e.restaurant_id, &e.menu).await?;
     Ok(())
 }
 
-async fn on_menu_revised(
-    ctx: HandlerContext<SqliteStore>,
+async fn on_menu_revised<S: ServiceDb>(
+    ctx: HandlerContext<S>,
     e: MenuRevised,
 ) -> Result<(), HandlerError> {
     replace_menu(&mut *ctx.tx().await, &e.restaurant_id, &e.menu).await?;
@@ -495,15 +505,15 @@ enum Check {
 }
 
 /// Move the order on after one validation's outcome (in the reply's transaction).
-async fn advance(
-    ctx: &HandlerContext<SqliteStore>,
+async fn advance<S: ServiceDb>(
+    ctx: &HandlerContext<S>,
     order_id: &str,
     check: Check,
     outcome: Result<Option<i64>, String>,
 ) -> Result<(), HandlerError> {
     let mut conn = ctx.tx().await;
-    let row = sqlx::query_as::<_, (String, i64, i64)>(
-        "SELECT state, consumer_ok, details_ok FROM orders WHERE id = ?",
+    let row = query_as::<(String, i64, i64)>(
+        "SELECT state, consumer_ok, details_ok FROM orders WHERE id = $1",
     )
     .bind(order_id)
     .fetch_optional(&mut *conn)
@@ -516,15 +526,16 @@ async fn advance(
     if terminal(&state) {
         return Ok(()); // already rejected by the other validation
     }
+    let (mut c, mut d) = (consumer_ok != 0, details_ok != 0);
     let (next, reason) = match outcome {
         Err(reason) => ("REJECTED", Some(reason)),
         Ok(total) => {
-            let (c, d) = match check {
-                Check::Consumer => (true, details_ok != 0),
-                Check::Details => (consumer_ok != 0, true),
-            };
+            match check {
+                Check::Consumer => c = true,
+                Check::Details => d = true,
+            }
             if let Some(total) = total {
-                sqlx::query("UPDATE orders SET total_cents = ? WHERE id = ?")
+                query("UPDATE orders SET total_cents = $1 WHERE id = $2")
                     .bind(total)
                     .bind(order_id)
                     .execute(&mut *conn)
@@ -538,18 +549,29 @@ async fn advance(
             (next, None)
         }
     };
-    sqlx::query(
-        "UPDATE orders SET state = ?, reason = ?, consumer_ok = consumer_ok OR ?, details_ok = details_ok OR ?
-         WHERE id = ?",
+    // Only from the state read above: when another transaction moved the order on since
+    // (PostgreSQL runs them side by side: a second instance, the deadline timer), no row
+    // matches and the reply is handled again, from the new state.
+    let changed = query(
+        "UPDATE orders SET state = $1, reason = $2, consumer_ok = $3, details_ok = $4
+         WHERE id = $5 AND state = $6 AND consumer_ok = $7 AND details_ok = $8",
     )
     .bind(next)
     .bind(&reason)
-    .bind(matches!(check, Check::Consumer) && reason.is_none())
-    .bind(matches!(check, Check::Details) && reason.is_none())
+    .bind(i64::from(c))
+    .bind(i64::from(d))
     .bind(order_id)
+    .bind(&state)
+    .bind(consumer_ok)
+    .bind(details_ok)
     .execute(&mut *conn)
     .await?;
-    history(&mut conn, order_id, next, reason.as_deref()).await?;
+    if changed == 0 {
+        return Err(HandlerError::transient(format!(
+            "order {order_id} changed while a reply was handled; retrying"
+        )));
+    }
+    history(&mut *conn, order_id, next, reason.as_deref()).await?;
     drop(conn);
     ctx.publish_event(&OrderStateChanged {
         order_id: order_id.to_owned(),
@@ -566,8 +588,8 @@ fn timed_out(who: &str) -> String {
     )
 }
 
-async fn on_consumer_reply(
-    ctx: HandlerContext<SqliteStore>,
+async fn on_consumer_reply<S: ServiceDb>(
+    ctx: HandlerContext<S>,
     r: CommandReply<ValidateConsumerInfo>,
 ) -> Result<(), HandlerError> {
     let order_id: String = r.data()?;
@@ -579,8 +601,8 @@ async fn on_consumer_reply(
     advance(&ctx, &order_id, Check::Consumer, outcome).await
 }
 
-async fn on_details_reply(
-    ctx: HandlerContext<SqliteStore>,
+async fn on_details_reply<S: ServiceDb>(
+    ctx: HandlerContext<S>,
     r: CommandReply<ValidateOrderDetails>,
 ) -> Result<(), HandlerError> {
     let order_id: String = r.data()?;
@@ -632,15 +654,21 @@ pub(crate) async fn main(args: ServiceArgs) -> anyhow::Result<()> {
     if common::asyncapi_requested(&args, &description())? {
         return Ok(());
     }
-    let svc = Service::open(NAME, &args, 8083).await?;
-    create_tables(&svc.store).await?;
+    match common::open(NAME, &args, 8083).await? {
+        Opened::Sqlite(svc) => run(svc).await,
+        Opened::Postgres(svc) => run(svc).await,
+    }
+}
+
+async fn run<S: ServiceDb>(svc: Service<S>) -> anyhow::Result<()> {
+    create_tables(&svc.store, TABLES).await?;
     let replies = ChannelName::new(ORDER_REPLIES)?;
     let d = Dispatcher::new(svc.store.clone(), GroupName::new(NAME)?)
         .replies_to(replies.clone())
-        .on_reply(on_consumer_reply)
-        .on_reply(on_details_reply)
-        .on_event(on_restaurant_created)
-        .on_event(on_menu_revised);
+        .on_reply(on_consumer_reply::<S>)
+        .on_reply(on_details_reply::<S>)
+        .on_event(on_restaurant_created::<S>)
+        .on_event(on_menu_revised::<S>);
     let subs = vec![
         svc.subscribe(ORDER_REPLIES).await?,
         svc.subscribe(<RestaurantCreated as courier::DomainEvent>::AGGREGATE)
@@ -652,10 +680,10 @@ pub(crate) async fn main(args: ServiceArgs) -> anyhow::Result<()> {
         replies,
     };
     let app = Router::new()
-        .route("/orders", post(place))
-        .route("/orders/{id}", get(show))
-        .route("/orders/{id}/events", get(events))
-        .route("/replica/restaurants/{id}", get(replica))
+        .route("/orders", post(place::<S>))
+        .route("/orders/{id}", get(show::<S>))
+        .route("/orders/{id}/events", get(events::<S>))
+        .route("/replica/restaurants/{id}", get(replica::<S>))
         .route("/health", get(common::health))
         .route("/openapi.json", get(move || async move { Json(doc) }))
         .with_state(state);

@@ -1,14 +1,14 @@
 //! `ftgo restaurant-service`: restaurants, menus and delivery zones. Publishes
 //! `RestaurantCreated` / `MenuRevised`; answers `ValidateOrderDetails`.
 
-use crate::common::{self, ApiError, JsonBody, Service, ServiceArgs, Validate};
+use crate::common::{self, ApiError, JsonBody, Opened, Service, ServiceArgs, Validate};
 use crate::contracts::*;
+use crate::db::{Conn, ServiceDb, create_tables, query, query_as};
 use crate::openapi::{OpenApi, error_ref};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use courier::sqlite::SqliteStore;
 use courier::{Dispatcher, GroupName, HandlerContext, HandlerError, Rejection, ServiceDescription};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
@@ -114,53 +114,54 @@ fn to_items(menu: &[MenuItemBody]) -> Vec<MenuItem> {
         .collect()
 }
 
-async fn create_tables(store: &SqliteStore) -> anyhow::Result<()> {
-    for ddl in [
-        "CREATE TABLE IF NOT EXISTS restaurants (id TEXT PRIMARY KEY, name TEXT NOT NULL, zones TEXT NOT NULL)",
-        "CREATE TABLE IF NOT EXISTS menu_items (restaurant_id TEXT NOT NULL, id TEXT NOT NULL,
-           name TEXT NOT NULL, price_cents INTEGER NOT NULL, PRIMARY KEY (restaurant_id, id))",
-    ] {
-        sqlx::query(ddl).execute(store.pool()).await?;
-    }
-    Ok(())
-}
+/// The service's tables (`zones` is a JSON array; `ordinal` keeps the menu's order).
+const TABLES: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS restaurants (id TEXT PRIMARY KEY, name TEXT NOT NULL, zones TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS menu_items (restaurant_id TEXT NOT NULL, id TEXT NOT NULL,
+       name TEXT NOT NULL, price_cents BIGINT NOT NULL, ordinal BIGINT NOT NULL,
+       PRIMARY KEY (restaurant_id, id))",
+];
 
-async fn insert_menu(
-    conn: &mut sqlx::SqliteConnection,
+async fn insert_menu<C: Conn + ?Sized>(
+    conn: &mut C,
     restaurant: &str,
     menu: &[MenuItem],
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM menu_items WHERE restaurant_id = ?")
+    query("DELETE FROM menu_items WHERE restaurant_id = $1")
         .bind(restaurant)
         .execute(&mut *conn)
         .await?;
-    for m in menu {
-        sqlx::query("INSERT INTO menu_items VALUES (?, ?, ?, ?)")
-            .bind(restaurant)
-            .bind(&m.id)
-            .bind(&m.name)
-            .bind(m.price_cents)
-            .execute(&mut *conn)
-            .await?;
+    for (ordinal, m) in (0i64..).zip(menu) {
+        query(
+            "INSERT INTO menu_items (restaurant_id, id, name, price_cents, ordinal)
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(restaurant)
+        .bind(&m.id)
+        .bind(&m.name)
+        .bind(m.price_cents)
+        .bind(ordinal)
+        .execute(&mut *conn)
+        .await?;
     }
     Ok(())
 }
 
 /// The restaurant's zones and menu, if it exists.
-async fn load(
-    conn: &mut sqlx::SqliteConnection,
+async fn load<C: Conn + ?Sized>(
+    conn: &mut C,
     id: &str,
 ) -> Result<Option<(String, Vec<String>, Vec<MenuItem>)>, sqlx::Error> {
     let Some((name, zones)) =
-        sqlx::query_as::<_, (String, String)>("SELECT name, zones FROM restaurants WHERE id = ?")
+        query_as::<(String, String)>("SELECT name, zones FROM restaurants WHERE id = $1")
             .bind(id)
             .fetch_optional(&mut *conn)
             .await?
     else {
         return Ok(None);
     };
-    let menu = sqlx::query_as::<_, (String, String, i64)>(
-        "SELECT id, name, price_cents FROM menu_items WHERE restaurant_id = ? ORDER BY rowid",
+    let menu = query_as::<(String, String, i64)>(
+        "SELECT id, name, price_cents FROM menu_items WHERE restaurant_id = $1 ORDER BY ordinal",
     )
     .bind(id)
     .fetch_all(&mut *conn)
@@ -179,22 +180,21 @@ async fn load(
     )))
 }
 
-async fn create(
-    State(store): State<SqliteStore>,
+async fn create<S: ServiceDb>(
+    State(store): State<S>,
     JsonBody(body): JsonBody<CreateRestaurant>,
 ) -> Result<(StatusCode, Json<Created>), ApiError> {
     let id = common::new_id();
     let menu = to_items(&body.menu);
     let mut tx = store.begin().await?;
-    sqlx::query("INSERT INTO restaurants VALUES (?, ?, ?)")
+    query("INSERT INTO restaurants (id, name, zones) VALUES ($1, $2, $3)")
         .bind(&id)
         .bind(&body.name)
         .bind(serde_json::to_string(&body.zones).unwrap_or_default())
         .execute(&mut *tx)
         .await?;
-    insert_menu(&mut tx, &id, &menu).await?;
+    insert_menu(&mut *tx, &id, &menu).await?;
     store
-        .outbox()
         .publish_event(
             &mut tx,
             &RestaurantCreated {
@@ -205,23 +205,22 @@ async fn create(
             },
         )
         .await?;
-    tx.commit().await?;
+    store.commit(tx).await?;
     Ok((StatusCode::CREATED, Json(Created { id })))
 }
 
-async fn revise_menu(
-    State(store): State<SqliteStore>,
+async fn revise_menu<S: ServiceDb>(
+    State(store): State<S>,
     Path(id): Path<String>,
     JsonBody(body): JsonBody<ReviseMenu>,
 ) -> Result<Json<RestaurantView>, ApiError> {
     let menu = to_items(&body.menu);
     let mut tx = store.begin().await?;
-    let Some((name, zones, _)) = load(&mut tx, &id).await? else {
+    let Some((name, zones, _)) = load(&mut *tx, &id).await? else {
         return Err(ApiError::not_found(format!("no restaurant {id}")));
     };
-    insert_menu(&mut tx, &id, &menu).await?;
+    insert_menu(&mut *tx, &id, &menu).await?;
     store
-        .outbox()
         .publish_event(
             &mut tx,
             &MenuRevised {
@@ -230,7 +229,7 @@ async fn revise_menu(
             },
         )
         .await?;
-    tx.commit().await?;
+    store.commit(tx).await?;
     Ok(Json(RestaurantView {
         id,
         name,
@@ -239,12 +238,12 @@ async fn revise_menu(
     }))
 }
 
-async fn show(
-    State(store): State<SqliteStore>,
+async fn show<S: ServiceDb>(
+    State(store): State<S>,
     Path(id): Path<String>,
 ) -> Result<Json<RestaurantView>, ApiError> {
-    let mut conn = store.pool().acquire().await?;
-    let Some((name, zones, menu)) = load(&mut conn, &id).await? else {
+    let mut conn = store.acquire().await?;
+    let Some((name, zones, menu)) = load(&mut *conn, &id).await? else {
         return Err(ApiError::not_found(format!("no restaurant {id}")));
     };
     Ok(Json(RestaurantView {
@@ -263,8 +262,8 @@ async fn show(
 }
 
 /// Every item on the current menu and the zone served, or the reason why not.
-async fn validate_order(
-    ctx: HandlerContext<SqliteStore>,
+async fn validate_order<S: ServiceDb>(
+    ctx: HandlerContext<S>,
     cmd: ValidateOrderDetails,
 ) -> Result<Result<OrderDetailsValidated, Rejection>, HandlerError> {
     let found = load(&mut *ctx.tx().await, &cmd.restaurant_id).await?;
@@ -339,8 +338,8 @@ fn openapi() -> serde_json::Value {
     api.build()
 }
 
-fn dispatcher(store: SqliteStore) -> anyhow::Result<Dispatcher<SqliteStore>> {
-    Ok(Dispatcher::new(store, GroupName::new(NAME)?).on_command(validate_order))
+fn dispatcher<S: ServiceDb>(store: S) -> anyhow::Result<Dispatcher<S>> {
+    Ok(Dispatcher::new(store, GroupName::new(NAME)?).on_command(validate_order::<S>))
 }
 
 pub(crate) fn description() -> ServiceDescription {
@@ -356,8 +355,14 @@ pub(crate) async fn main(args: ServiceArgs) -> anyhow::Result<()> {
     if common::asyncapi_requested(&args, &description())? {
         return Ok(());
     }
-    let svc = Service::open(NAME, &args, 8081).await?;
-    create_tables(&svc.store).await?;
+    match common::open(NAME, &args, 8081).await? {
+        Opened::Sqlite(svc) => run(svc).await,
+        Opened::Postgres(svc) => run(svc).await,
+    }
+}
+
+async fn run<S: ServiceDb>(svc: Service<S>) -> anyhow::Result<()> {
+    create_tables(&svc.store, TABLES).await?;
     let d = dispatcher(svc.store.clone())?;
     let subs = vec![
         svc.subscribe(<ValidateOrderDetails as courier::Command>::CHANNEL)
@@ -365,9 +370,9 @@ pub(crate) async fn main(args: ServiceArgs) -> anyhow::Result<()> {
     ];
     let doc = openapi();
     let app = Router::new()
-        .route("/restaurants", post(create))
-        .route("/restaurants/{id}", get(show))
-        .route("/restaurants/{id}/menu", put(revise_menu))
+        .route("/restaurants", post(create::<S>))
+        .route("/restaurants/{id}", get(show::<S>))
+        .route("/restaurants/{id}/menu", put(revise_menu::<S>))
         .route("/health", get(common::health))
         .route("/openapi.json", get(move || async move { Json(doc) }))
         .with_state(svc.store.clone());

@@ -24,7 +24,7 @@ mod request;
 pub(crate) use messages::reply_message;
 pub use messages::{command_message, event_message, notification_message};
 pub use reply::{CommandReply, Gathered, GatheredReply};
-pub(crate) use reply::{ErasedReplyHandler, GatherHandler, TypedReplyHandler};
+pub(crate) use reply::{ErasedReplyHandler, ReplyHandlerFn};
 pub use request::Requester;
 
 use crate::codec::Contract;

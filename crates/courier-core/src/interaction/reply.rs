@@ -216,46 +216,45 @@ pub(crate) trait ErasedReplyHandler<S: MessageStore>: Send + Sync {
     ) -> BoxFuture<'static, std::result::Result<(), HandlerError>>;
 }
 
-pub(crate) struct TypedReplyHandler<C, F> {
-    pub(crate) f: F,
-    pub(crate) _c: PhantomData<fn() -> C>,
+/// What a reply handler receives, built from a finished correlation: a
+/// [`CommandReply`] (request/reply) or a [`Gathered`] (scatter-gather).
+pub(crate) trait FromRecord<C: Command>: Sized + Send + 'static {
+    fn from_correlation(record: &CorrelationRecord) -> Result<Self>;
 }
 
-impl<S, C, F, Fut> ErasedReplyHandler<S> for TypedReplyHandler<C, F>
-where
-    S: MessageStore,
-    C: Command,
-    F: Fn(HandlerContext<S>, CommandReply<C>) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
-{
-    fn check(&self, reply: &Message) -> std::result::Result<(), String> {
-        decode_reply_message::<C>(reply)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+impl<C: Command> FromRecord<C> for CommandReply<C> {
+    fn from_correlation(record: &CorrelationRecord) -> Result<Self> {
+        Self::from_record(record)
     }
+}
 
-    fn call(
-        &self,
-        ctx: HandlerContext<S>,
-        record: CorrelationRecord,
-    ) -> BoxFuture<'static, std::result::Result<(), HandlerError>> {
-        match CommandReply::<C>::from_record(&record) {
-            Ok(reply) => Box::pin((self.f)(ctx, reply)),
-            Err(e) => Box::pin(async move { Err(HandlerError::undecodable(e)) }),
+impl<C: Command> FromRecord<C> for Gathered<C> {
+    fn from_correlation(record: &CorrelationRecord) -> Result<Self> {
+        Ok(Self::from_record(record))
+    }
+}
+
+/// A typed reply handler of command `C` taking `A` ([`CommandReply`] or [`Gathered`]).
+pub(crate) struct ReplyHandlerFn<C, A, F> {
+    f: F,
+    _types: PhantomData<fn() -> (C, A)>,
+}
+
+impl<C, A, F> ReplyHandlerFn<C, A, F> {
+    pub(crate) fn new(f: F) -> Self {
+        Self {
+            f,
+            _types: PhantomData,
         }
     }
 }
 
-pub(crate) struct GatherHandler<C, F> {
-    pub(crate) f: F,
-    pub(crate) _c: PhantomData<fn() -> C>,
-}
-
-impl<S, C, F, Fut> ErasedReplyHandler<S> for GatherHandler<C, F>
+impl<S, C, A, F, Fut> ErasedReplyHandler<S> for ReplyHandlerFn<C, A, F>
 where
     S: MessageStore,
     C: Command,
-    F: Fn(HandlerContext<S>, Gathered<C>) -> Fut + Send + Sync + 'static,
+    A: FromRecord<C>,
+    F: Fn(HandlerContext<S>, A) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
 {
     fn check(&self, reply: &Message) -> std::result::Result<(), String> {
@@ -269,6 +268,9 @@ where
         ctx: HandlerContext<S>,
         record: CorrelationRecord,
     ) -> BoxFuture<'static, std::result::Result<(), HandlerError>> {
-        Box::pin((self.f)(ctx, Gathered::<C>::from_record(&record)))
+        match A::from_correlation(&record) {
+            Ok(arg) => Box::pin((self.f)(ctx, arg)),
+            Err(e) => Box::pin(async move { Err(HandlerError::undecodable(e)) }),
+        }
     }
 }

@@ -9,7 +9,7 @@ mod support;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::process::Command;
-use support::{DEADLINE, FTGO, Ftgo, menu_json, order_json};
+use support::{FTGO, Ftgo, menu_json, order_json, state_events};
 
 #[test]
 fn demo_places_orders_through_an_outage_and_reports_json() {
@@ -220,32 +220,6 @@ async fn one_idempotency_key_places_one_order() {
     assert_eq!(count, 1);
     let id = first["orderId"].as_str().unwrap();
     assert_eq!(f.final_order(id).await["state"], "VALIDATED");
-}
-
-/// The `event: state` data of an SSE stream, read until the server ends it.
-async fn state_events(f: &Ftgo, id: &str) -> Vec<Value> {
-    let mut resp = f
-        .http
-        .get(format!("{}/orders/{id}/events", f.order.url))
-        .timeout(DEADLINE)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    let content_type = resp.headers()["content-type"].to_str().unwrap().to_owned();
-    assert!(
-        content_type.starts_with("text/event-stream"),
-        "{content_type}"
-    );
-    let mut text = String::new();
-    while let Some(chunk) = resp.chunk().await.unwrap() {
-        text.push_str(&String::from_utf8_lossy(&chunk));
-    }
-    text.split("\n\n")
-        .filter(|block| block.lines().any(|l| l == "event: state"))
-        .filter_map(|block| block.lines().find_map(|l| l.strip_prefix("data: ")))
-        .map(|data| serde_json::from_str(data).unwrap())
-        .collect()
 }
 
 #[tokio::test]

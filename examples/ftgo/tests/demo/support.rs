@@ -1,6 +1,6 @@
 //! Runs the three FTGO services as processes of the built `ftgo` binary (port 0, a
 //! temporary directory, the embedded broker), killed when dropped, and small REST helpers
-//! that wait for conditions with deadlines.
+//! that wait for conditions with deadlines. Shared by tests/demo and tests/postgres.
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -29,18 +29,15 @@ impl Drop for Service {
 }
 
 impl Service {
-    /// Start `ftgo <name> --db sqlite:<dir>/<name>.db --broker <broker> --listen 127.0.0.1:0`
-    /// and wait for its `listening on ADDR`.
-    pub(crate) fn start(name: &str, dir: &Path, broker: &str) -> Service {
+    /// Start `ftgo <name> --db <db> --broker <broker> --listen 127.0.0.1:0` (its log in
+    /// `<dir>/<name>.log`) and wait for its `listening on ADDR`.
+    pub(crate) fn start(name: &str, db: &str, dir: &Path, broker: &str) -> Service {
         let log_path = dir.join(format!("{name}.log"));
         let log = std::fs::File::create(&log_path).unwrap();
         let mut child = Command::new(FTGO)
             .arg(name)
             .arg("--db")
-            .arg(format!(
-                "sqlite:{}",
-                dir.join(format!("{name}.db")).display()
-            ))
+            .arg(db)
             .arg("--broker")
             .arg(broker)
             .arg("--listen")
@@ -86,13 +83,20 @@ pub(crate) struct Ftgo {
 }
 
 impl Ftgo {
+    /// Each service on its own SQLite file, `<dir>/<name>.db`.
     pub(crate) fn start() -> Ftgo {
+        Self::start_with(|dir, name| format!("sqlite:{}", dir.join(format!("{name}.db")).display()))
+    }
+
+    /// Each service on the database `db(dir, name)` names.
+    pub(crate) fn start_with(db: impl Fn(&Path, &str) -> String) -> Ftgo {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_owned();
         let broker = format!("sqlite:{}", dir.join("broker.db").display());
-        let restaurant = Service::start("restaurant-service", &dir, &broker);
-        let consumer = Service::start("consumer-service", &dir, &broker);
-        let order = Service::start("order-service", &dir, &broker);
+        let start = |name| Service::start(name, &db(&dir, name), &dir, &broker);
+        let restaurant = start("restaurant-service");
+        let consumer = start("consumer-service");
+        let order = start("order-service");
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .no_proxy()
@@ -240,4 +244,30 @@ pub(crate) fn order_json(
             .map(|(id, q)| json!({ "menuItemId": id, "quantity": q }))
             .collect::<Vec<_>>(),
     })
+}
+
+/// The `event: state` data of an order's SSE stream, read until the server ends it.
+pub(crate) async fn state_events(f: &Ftgo, id: &str) -> Vec<Value> {
+    let mut resp = f
+        .http
+        .get(format!("{}/orders/{id}/events", f.order.url))
+        .timeout(DEADLINE)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let content_type = resp.headers()["content-type"].to_str().unwrap().to_owned();
+    assert!(
+        content_type.starts_with("text/event-stream"),
+        "{content_type}"
+    );
+    let mut text = String::new();
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    text.split("\n\n")
+        .filter(|block| block.lines().any(|l| l == "event: state"))
+        .filter_map(|block| block.lines().find_map(|l| l.strip_prefix("data: ")))
+        .map(|data| serde_json::from_str(data).unwrap())
+        .collect()
 }
