@@ -444,31 +444,6 @@ async fn replica<S: ServiceDb>(
 
 // ---- the replica, from restaurant events --------------------------------------------
 
-async fn replace_menu<C: Conn + ?Sized>(
-    conn: &mut C,
-    restaurant: &str,
-    menu: &[MenuItem],
-) -> Result<(), sqlx::Error> {
-    query("DELETE FROM replica_menu WHERE restaurant_id = $1")
-        .bind(restaurant)
-        .execute(&mut *conn)
-        .await?;
-    for (ordinal, m) in (0i64..).zip(menu) {
-        query(
-            "INSERT INTO replica_menu (restaurant_id, id, name, price_cents, ordinal)
-             VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(restaurant)
-        .bind(&m.id)
-        .bind(&m.name)
-        .bind(m.price_cents)
-        .bind(ordinal)
-        .execute(&mut *conn)
-        .await?;
-    }
-    Ok(())
-}
-
 async fn on_restaurant_created<S: ServiceDb>(
     ctx: HandlerContext<S>,
     e: RestaurantCreated,
@@ -483,7 +458,7 @@ async fn on_restaurant_created<S: ServiceDb>(
     .bind(serde_json::to_string(&e.zones).unwrap_or_default())
     .execute(&mut *conn)
     .await?;
-    replace_menu(&mut *conn, &e.restaurant_id, &e.menu).await?;
+    crate::restaurant::write_menu(&mut *conn, "replica_menu", &e.restaurant_id, &e.menu).await?;
     Ok(())
 }
 
@@ -491,7 +466,13 @@ async fn on_menu_revised<S: ServiceDb>(
     ctx: HandlerContext<S>,
     e: MenuRevised,
 ) -> Result<(), HandlerError> {
-    replace_menu(&mut *ctx.tx().await, &e.restaurant_id, &e.menu).await?;
+    crate::restaurant::write_menu(
+        &mut *ctx.tx().await,
+        "replica_menu",
+        &e.restaurant_id,
+        &e.menu,
+    )
+    .await?;
     Ok(())
 }
 

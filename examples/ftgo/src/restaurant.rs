@@ -11,6 +11,7 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use courier::{Dispatcher, GroupName, HandlerContext, HandlerError, Rejection, ServiceDescription};
 use serde::{Deserialize, Serialize};
+use sqlx::AssertSqlSafe;
 use std::collections::HashSet;
 
 const NAME: &str = "restaurant-service";
@@ -122,27 +123,34 @@ const TABLES: &[&str] = &[
        PRIMARY KEY (restaurant_id, id))",
 ];
 
-async fn insert_menu<C: Conn + ?Sized>(
+/// Replace `restaurant`'s rows in `table` (`menu_items` here, `replica_menu` in the order
+/// service's replica: the same columns) with `menu`, keeping its order. `table` is one of
+/// those two names, never input.
+pub(crate) async fn write_menu<C: Conn + ?Sized>(
     conn: &mut C,
+    table: &'static str,
     restaurant: &str,
     menu: &[MenuItem],
 ) -> Result<(), sqlx::Error> {
-    query("DELETE FROM menu_items WHERE restaurant_id = $1")
-        .bind(restaurant)
-        .execute(&mut *conn)
-        .await?;
+    query(AssertSqlSafe(format!(
+        "DELETE FROM {table} WHERE restaurant_id = $1"
+    )))
+    .bind(restaurant)
+    .execute(&mut *conn)
+    .await?;
+    let insert = format!(
+        "INSERT INTO {table} (restaurant_id, id, name, price_cents, ordinal)
+         VALUES ($1, $2, $3, $4, $5)"
+    );
     for (ordinal, m) in (0i64..).zip(menu) {
-        query(
-            "INSERT INTO menu_items (restaurant_id, id, name, price_cents, ordinal)
-             VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(restaurant)
-        .bind(&m.id)
-        .bind(&m.name)
-        .bind(m.price_cents)
-        .bind(ordinal)
-        .execute(&mut *conn)
-        .await?;
+        query(AssertSqlSafe(insert.clone()))
+            .bind(restaurant)
+            .bind(&m.id)
+            .bind(&m.name)
+            .bind(m.price_cents)
+            .bind(ordinal)
+            .execute(&mut *conn)
+            .await?;
     }
     Ok(())
 }
@@ -193,7 +201,7 @@ async fn create<S: ServiceDb>(
         .bind(serde_json::to_string(&body.zones).unwrap_or_default())
         .execute(&mut *tx)
         .await?;
-    insert_menu(&mut *tx, &id, &menu).await?;
+    write_menu(&mut *tx, "menu_items", &id, &menu).await?;
     store
         .publish_event(
             &mut tx,
@@ -219,7 +227,7 @@ async fn revise_menu<S: ServiceDb>(
     let Some((name, zones, _)) = load(&mut *tx, &id).await? else {
         return Err(ApiError::not_found(format!("no restaurant {id}")));
     };
-    insert_menu(&mut *tx, &id, &menu).await?;
+    write_menu(&mut *tx, "menu_items", &id, &menu).await?;
     store
         .publish_event(
             &mut tx,
