@@ -87,11 +87,14 @@ relay publishes them to the broker; a consumer group member in a separate OS pro
 handles each message with the inbox and records an effect. Reports end-to-end \
 throughput, commit -> handler latency (p50/p99/max), and, measured in the same run, the \
 raw limits of the backends without Courier:
-  raw_commit_rate_per_s   single-row INSERT commits of the service database (SQLite: \
-autocommit on a held connection, same driver and --sync; PostgreSQL: autocommit from as \
-many connections as --producers). Also BEGIN; INSERT; COMMIT per row the same way \
-(raw_tx_commit_rate_per_s), and on SQLite autocommit through a pool \
-(raw_commit_rate_pool_per_s); see BENCHMARKS.md.
+  raw_commit_rate_per_s   single-row commits of the service database as an application \
+commits a row: BEGIN; INSERT; COMMIT per row (SQLite: one held connection, same driver and \
+--sync; PostgreSQL: from as many connections as --producers). Compare like with like: a \
+producer commits a transaction too. Also one autocommit INSERT per row the same way \
+(raw_autocommit_rate_per_s, one round trip instead of three) and on SQLite autocommit \
+through a pool (raw_commit_rate_pool_per_s); see BENCHMARKS.md.
+  producer_commit_rate_per_s  the producers' own transactions per second in this run \
+(business row + outbox message), from the first to the last commit.
   raw_publish_rate_per_s  confirmed publishes of the broker's own client (NATS: JetStream \
 publishes with 256 acks in flight; RabbitMQ: persistent publishes to a stream with 256 \
 confirms in flight; PostgreSQL: single-row INSERT commits; embedded broker: \
@@ -228,9 +231,10 @@ struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     raw_commit_rate_pool_per_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    raw_tx_commit_rate_per_s: Option<f64>,
+    raw_autocommit_rate_per_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    throughput_vs_raw_tx: Option<f64>,
+    throughput_vs_raw_autocommit: Option<f64>,
+    producer_commit_rate_per_s: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     relay_only_msgs_per_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -250,6 +254,16 @@ struct Latency {
     p50: f64,
     p99: f64,
     max: f64,
+}
+
+/// The raw references of the service database, commits per second.
+struct RawDb {
+    /// `BEGIN; INSERT; COMMIT` per row: the reference (`raw_commit_rate_per_s`).
+    transaction: f64,
+    /// One autocommit `INSERT` per row.
+    autocommit: f64,
+    /// SQLite only: autocommit through a sqlx pool.
+    pool: Option<f64>,
 }
 
 /// What the producer and the consumer process share: where the databases and the broker
@@ -327,25 +341,23 @@ impl Setup {
         }
     }
 
-    /// The raw limit of the service database: single-row commits per second, and on
-    /// SQLite the pool and explicit-transaction variants.
-    /// On PostgreSQL, `clients` connections commit at once (as many as the bench's
-    /// producers); SQLite serialises writers, so one connection is its limit.
-    async fn raw_db(
-        &self,
-        clients: usize,
-        payload_bytes: usize,
-    ) -> Result<(f64, Option<f64>, Option<f64>)> {
+    /// The raw limits of the service database: single-row commits per second as an
+    /// explicit transaction (the reference), as one autocommit statement, and on SQLite
+    /// autocommit through a pool. On PostgreSQL, `clients` connections commit at once (as
+    /// many as the bench's producers); SQLite serialises writers, so one connection is
+    /// its limit.
+    async fn raw_db(&self, clients: usize, payload_bytes: usize) -> Result<RawDb> {
         match &self.db {
             DbSpec::Sqlite { .. } => {
                 let measure = async |file: &str, via| {
                     raw_sqlite(&self.dir.join(file), self.sync, via, payload_bytes).await
                 };
                 use courier::sqlite::RawPath;
-                let raw = measure("raw.db", RawPath::Connection).await?;
-                let pool = measure("raw-pool.db", RawPath::Pool).await?;
-                let tx = measure("raw-tx.db", RawPath::Transaction).await?;
-                Ok((raw, Some(pool), Some(tx)))
+                Ok(RawDb {
+                    transaction: measure("raw-tx.db", RawPath::Transaction).await?,
+                    autocommit: measure("raw.db", RawPath::Connection).await?,
+                    pool: Some(measure("raw-pool.db", RawPath::Pool).await?),
+                })
             }
             DbSpec::Postgres { .. } => {
                 let url = self.db.pg_url(Side::Producer).unwrap_or_default();
@@ -361,9 +373,11 @@ impl Setup {
                     .await
                     .context("measuring the raw PostgreSQL commit rate")
                 };
-                let raw = measure(false).await?;
-                let tx = measure(true).await?;
-                Ok((raw, None, Some(tx)))
+                Ok(RawDb {
+                    transaction: measure(true).await?,
+                    autocommit: measure(false).await?,
+                    pool: None,
+                })
             }
         }
     }
@@ -603,9 +617,10 @@ async fn run_on<S: BenchStore, R: OutboxSource>(
     json: bool,
 ) -> Result<Report> {
     // 1. The raw references, on a quiet machine.
-    let (raw, raw_pool, raw_tx) = setup
+    let raw_db = setup
         .raw_db(args.producers as usize, args.payload_bytes)
         .await?;
+    let raw = raw_db.transaction;
     let raw_publish = setup.raw_broker(args.payload_bytes).await?;
 
     // 2. The broker with the channel.
@@ -640,9 +655,10 @@ async fn run_on<S: BenchStore, R: OutboxSource>(
         report.relay_only_msgs_per_s = Some(rate);
         report.relay_only_vs_raw_publish = Some(rate / report.raw_publish_rate_per_s);
     }
-    report.raw_commit_rate_pool_per_s = raw_pool;
-    report.raw_tx_commit_rate_per_s = raw_tx;
-    report.throughput_vs_raw_tx = raw_tx.map(|t| report.throughput_msgs_per_s / t);
+    report.raw_commit_rate_pool_per_s = raw_db.pool;
+    report.raw_autocommit_rate_per_s = Some(raw_db.autocommit);
+    report.throughput_vs_raw_autocommit =
+        Some(report.throughput_msgs_per_s / raw_db.autocommit.max(1e-9));
     Ok(report)
 }
 
@@ -710,19 +726,22 @@ async fn run_with_channel<S: BenchStore, R: OutboxSource>(
     let next = Arc::new(AtomicU64::new(0));
     let committed = Arc::new(AtomicU64::new(0));
     let start_us = now_us();
+    // When the last producer transaction committed (for the producers' own rate).
+    let last_commit_us = Arc::new(AtomicU64::new(start_us));
     let start = tokio::time::Instant::now();
     let pad = "x".repeat(args.payload_bytes.saturating_sub(40));
     let mut producers = Vec::new();
     // A producer that gave up ends the run now, not at --timeout-secs.
     let producer_failed = Arc::new(AtomicBool::new(false));
     for _ in 0..args.producers {
-        let (store, channel, next, committed, pad, producer_failed) = (
+        let (store, channel, next, committed, pad, producer_failed, last_commit_us) = (
             store.clone(),
             channel.clone(),
             next.clone(),
             committed.clone(),
             pad.clone(),
             producer_failed.clone(),
+            last_commit_us.clone(),
         );
         let (n_total, rate, keys) = (args.messages, args.rate, args.keys.max(1));
         let give_up = start + Duration::from_secs(args.timeout_secs);
@@ -747,6 +766,7 @@ async fn run_with_channel<S: BenchStore, R: OutboxSource>(
                     return Err(e);
                 }
                 committed.fetch_add(1, Ordering::Relaxed);
+                last_commit_us.fetch_max(now_us(), Ordering::Relaxed);
             }
         }));
     }
@@ -802,6 +822,9 @@ async fn run_with_channel<S: BenchStore, R: OutboxSource>(
     let seconds =
         (totals.last_us.unwrap_or(start_us as i64) as f64 - start_us as f64).max(1.0) / 1e6;
     let throughput = totals.distinct as f64 / seconds;
+    let producing_s =
+        (last_commit_us.load(Ordering::Relaxed).saturating_sub(start_us) as f64 / 1e6).max(1e-6);
+    let producer_commit_rate_per_s = committed.load(Ordering::Relaxed) as f64 / producing_s;
     Ok(Report {
         messages: args.messages,
         seconds,
@@ -817,8 +840,9 @@ async fn run_with_channel<S: BenchStore, R: OutboxSource>(
         raw_publish_rate_per_s: raw_publish,
         throughput_vs_raw: throughput / raw,
         raw_commit_rate_pool_per_s: None,
-        raw_tx_commit_rate_per_s: None,
-        throughput_vs_raw_tx: None,
+        raw_autocommit_rate_per_s: None,
+        throughput_vs_raw_autocommit: None,
+        producer_commit_rate_per_s,
         relay_only_msgs_per_s: None,
         relay_only_vs_raw_publish: None,
         db: setup.db.describe(),
@@ -935,16 +959,20 @@ fn print_human(r: &Report) {
         r.throughput_msgs_per_s, r.seconds
     );
     println!(
-        "  raw db commit     {:>10.0} /s     (same run, single-row autocommit, held connection; ratio {:.2})",
+        "  producers alone   {:>10.0} tx/s   (their own commits: business row + outbox message)",
+        r.producer_commit_rate_per_s
+    );
+    println!(
+        "  raw db commit     {:>10.0} /s     (same run, BEGIN; INSERT; COMMIT per row; ratio {:.2})",
         r.raw_commit_rate_per_s, r.throughput_vs_raw
     );
-    if let Some(pool) = r.raw_commit_rate_pool_per_s {
-        println!("                    {pool:>10.0} /s     (the same through a sqlx pool)");
-    }
-    if let (Some(tx), Some(ratio)) = (r.raw_tx_commit_rate_per_s, r.throughput_vs_raw_tx) {
+    if let (Some(auto), Some(ratio)) = (r.raw_autocommit_rate_per_s, r.throughput_vs_raw_autocommit) {
         println!(
-            "                    {tx:>10.0} /s     (BEGIN; INSERT; COMMIT per row, held connection; ratio {ratio:.2})"
+            "                    {auto:>10.0} /s     (one autocommit INSERT per row; ratio {ratio:.2})"
         );
+    }
+    if let Some(pool) = r.raw_commit_rate_pool_per_s {
+        println!("                    {pool:>10.0} /s     (autocommit through a sqlx pool)");
     }
     println!(
         "  raw broker publish{:>10.0} /s     (same run, the broker's own client, confirmed)",

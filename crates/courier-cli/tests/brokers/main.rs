@@ -176,7 +176,7 @@ fn bench_on_sqlite_with_nats() {
     let report = bench(&["--broker", &nats]);
     assert_eq!(report["db"], "sqlite", "{report}");
     // The SQLite-only references are there too.
-    assert!(report["raw_tx_commit_rate_per_s"].as_f64().unwrap() > 0.0);
+    assert!(report["raw_autocommit_rate_per_s"].as_f64().unwrap() > 0.0);
 }
 
 #[test]
