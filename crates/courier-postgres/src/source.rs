@@ -16,20 +16,25 @@ impl PgStore {
         self.outbox_peek_excluding(limit, max_bytes, &[]).await
     }
 
-    /// Like [`outbox_peek`](Self::outbox_peek), leaving out the rows `exclude` (a batch
-    /// the relay is publishing while it reads the next one), in the query itself.
+    /// Like [`outbox_peek`](Self::outbox_peek), leaving out the rows `exclude` (batches
+    /// the relay is publishing or deleting while it reads the next one): the rows after
+    /// the last one in flight, read by key range (no per-row comparison with the whole
+    /// list). A row with a lower key whose transaction committed late (keys are taken at
+    /// insert, not at commit) is not lost: the relay's next plain
+    /// [`outbox_peek`](Self::outbox_peek), a few batches later, finds it.
     pub async fn outbox_peek_excluding(
         &self,
         limit: u32,
         max_bytes: usize,
         exclude: &[i64],
     ) -> Result<Vec<OutboxRow>> {
+        let after = exclude.iter().copied().max().unwrap_or(i64::MIN);
         let rows: Vec<(i64, String, String, Vec<u8>)> = sqlx::query_as(
             "SELECT seq, message_id, headers, payload FROM courier_outbox
-             WHERE seq <> ALL($2) ORDER BY seq LIMIT $1",
+             WHERE seq > $2 ORDER BY seq LIMIT $1",
         )
         .bind(i64::from(limit))
-        .bind(exclude)
+        .bind(after)
         .fetch_all(self.pool())
         .await
         .map_err(self.err("reading the outbox"))?;

@@ -198,9 +198,34 @@ impl SqliteStore {
 
     /// Read up to `limit` outbox rows (and at most about `max_bytes`), oldest first.
     pub async fn outbox_peek(&self, limit: u32, max_bytes: usize) -> Result<Vec<OutboxRow>> {
+        self.outbox_peek_after(limit, max_bytes, None).await
+    }
+
+    /// Like [`outbox_peek`](Self::outbox_peek), leaving out the rows `exclude` (batches
+    /// the relay is publishing or deleting while it reads the next one). SQLite has one
+    /// writer at a time, so keys are committed in increasing order: the next batch is the
+    /// rows after the last one in flight, read by key range.
+    pub async fn outbox_peek_excluding(
+        &self,
+        limit: u32,
+        max_bytes: usize,
+        exclude: &[i64],
+    ) -> Result<Vec<OutboxRow>> {
+        self.outbox_peek_after(limit, max_bytes, exclude.iter().copied().max())
+            .await
+    }
+
+    async fn outbox_peek_after(
+        &self,
+        limit: u32,
+        max_bytes: usize,
+        after: Option<i64>,
+    ) -> Result<Vec<OutboxRow>> {
         let rows = sqlx::query(
-            "SELECT seq, message_id, headers, payload FROM courier_outbox ORDER BY seq LIMIT ?",
+            "SELECT seq, message_id, headers, payload FROM courier_outbox
+             WHERE seq > ? ORDER BY seq LIMIT ?",
         )
+        .bind(after.unwrap_or(i64::MIN))
         .bind(i64::from(limit))
         .fetch_all(&mut *self.inner.read.lock().await)
         .await
@@ -542,6 +567,15 @@ pub(crate) async fn insert_outbox_then(
 impl OutboxSource for SqliteStore {
     async fn outbox_peek(&self, limit: u32, max_bytes: usize) -> Result<Vec<OutboxRow>> {
         SqliteStore::outbox_peek(self, limit, max_bytes).await
+    }
+
+    async fn outbox_peek_excluding(
+        &self,
+        limit: u32,
+        max_bytes: usize,
+        exclude: &[i64],
+    ) -> Result<Vec<OutboxRow>> {
+        SqliteStore::outbox_peek_excluding(self, limit, max_bytes, exclude).await
     }
 
     async fn outbox_delete(&self, seqs: &[i64], holder: &str, generation: i64) -> Result<bool> {
