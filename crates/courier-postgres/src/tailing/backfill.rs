@@ -45,27 +45,45 @@ async fn mark_done(store: &crate::PgStore, slot: &str) -> Result<()> {
 }
 
 impl PgLogTailing {
-    /// The next backfill rows (keys up to `until`), or `None` once there are none left
-    /// (then the backfill is marked done).
+    /// The next backfill rows (keys up to `until`, leaving out `exclude`), or `None` once
+    /// there are none left (then the backfill is marked done).
     pub(super) async fn backfill_peek(
         &self,
         until: i64,
         limit: u32,
         max_bytes: usize,
+        exclude: &[i64],
     ) -> Result<Option<Vec<OutboxRow>>> {
         let store = &self.inner.store;
         let rows: Vec<(i64, String, String, Vec<u8>)> = sqlx::query_as(
             "SELECT seq, message_id, headers, payload FROM courier_outbox
-             WHERE seq <= $1 ORDER BY seq LIMIT $2",
+             WHERE seq <= $1 AND seq <> ALL($3) ORDER BY seq LIMIT $2",
         )
         .bind(until)
         .bind(i64::from(limit.max(1)))
+        .bind(exclude)
         .fetch_all(store.pool())
         .await
         .map_err(store.err("reading the outbox rows from before the slot"))?;
         if rows.is_empty() {
+            if !exclude.is_empty() {
+                // The last ones are being published: done once they are confirmed.
+                return Ok(Some(Vec::new()));
+            }
+            // Rows relayed from the table committed before this point of the log: the
+            // stream skips them up to here.
+            let lsn: i64 =
+                sqlx::query_scalar("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::int8")
+                    .fetch_one(store.pool())
+                    .await
+                    .map_err(store.err("reading the end of the WAL"))?;
             mark_done(store, &self.inner.slot).await?;
-            self.state().backfill = None;
+            *self.backfill() = None;
+            self.inner
+                .shared
+                .lock()
+                .buf
+                .backfill_ended(u64::try_from(lsn).unwrap_or(0));
             return Ok(None);
         }
         let mut out = Vec::with_capacity(rows.len());

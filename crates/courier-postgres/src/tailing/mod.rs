@@ -3,47 +3,61 @@
 //!
 //! [`PgLogTailing`] is an [`OutboxSource`], so the same [`Relay`](crate::Relay) runs on it
 //! as on the polling [`PgStore`]:
-//! - **reading**: `pg_logical_slot_peek_binary_changes` on a slot with the `pgoutput`
-//!   plugin and a publication of inserts into this schema's `courier_outbox` only, with
-//!   binary columns (`bytea` and `text` arrive as raw bytes: nothing to unescape, which is
-//!   why `pgoutput` and not `test_decoding`, whose text output needs exact unquoting).
-//!   Peeking does not consume: until the slot is advanced, the same rows come back.
+//! - **reading**: a background task streams the slot over a replication connection
+//!   (`START_REPLICATION`, plugin `pgoutput`, a publication of inserts into this schema's
+//!   `courier_outbox` only, binary columns: `bytea` and `text` arrive as raw bytes) into a
+//!   bounded buffer of committed rows, in commit order. When the buffer is full (rows or
+//!   bytes), the task stops reading and TCP flow control holds the server. A peek hands
+//!   out buffered rows not yet confirmed; the first peek after the stream (re)started
+//!   waits until it has caught up with what was committed before.
+//! - **waking**: rows arriving on the stream wake the relay at once (the outbox's
+//!   wake-up signal); the outbox's `NOTIFY` and the relay's periodic peek remain.
 //! - **confirming**: after the broker confirmed a batch, a transaction checks the relay
 //!   lease (`FOR SHARE`: a take-over waits for it) and deletes the published rows by key
-//!   (so the table does not grow); then a second one checks the lease again and advances
-//!   the slot (`pg_replication_slot_advance`, which is not transactional, hence last) to
-//!   the end of the last fully published transaction. A relay whose lease was taken
-//!   neither deletes nor advances. A crash anywhere republishes from the slot's position:
-//!   duplicates with the same ids, never a gap, and no row left behind.
-//! - **waking**: the outbox's `NOTIFY` wakes the relay at once; the relay's periodic peek
-//!   is the fallback, so a lost notification only delays.
+//!   (so the table does not grow); then the stream reports the end of the last fully
+//!   published transaction to the server as flushed, which moves the slot. A relay whose
+//!   lease was taken neither deletes nor moves the slot past what it did not publish,
+//!   and stops streaming. A crash anywhere makes the next stream start from the slot's
+//!   confirmed position: duplicates with the same ids, never a gap, no row left behind.
+//! - **one session per slot**: only the relay holding the lease streams (the relay
+//!   peeks only then; a source stops its stream when it learns its lease is gone). A
+//!   lease holder that finds the slot still held by a relay that lost the lease ends
+//!   that session. A dropped connection (server restart, killed backend) is reopened
+//!   with backoff, resuming at the slot's confirmed position; what this source already
+//!   received is not handed out twice.
 //! - **starting**: rows committed before the slot existed are not in its stream; they
-//!   are relayed from the table once (oldest first) before the slot is read.
-//! - **idle**: a slot holds all WAL after its position, also WAL of other tables. When the
-//!   outbox is idle but the server is not, the source writes a tiny logical message
-//!   (`pg_logical_emit_message`) and, once it reads it back, advances the slot past it.
+//!   are relayed from the table once (oldest first) before the stream's rows.
+//! - **idle**: a slot holds all WAL after its position, also WAL of other tables. With
+//!   nothing pending, the stream reports the server's position from its keep-alives as
+//!   flushed, so an idle outbox does not hold WAL while its relay runs.
+//!
+//! The replication connection uses the store's host (or socket directory), port, user,
+//! password and database, without TLS: a URL that requires TLS (`sslmode=require` and
+//! stricter) is refused with an error saying so.
 //!
 //! The slot survives restarts and holds WAL while no relay runs: drop it with
 //! [`PgLogTailing::drop_slot`] when log tailing is given up (see docs/operations.md).
 
 mod backfill;
+mod buffer;
 mod peek;
 mod pgoutput;
-mod progress;
 mod slot;
+mod stream;
 
 use crate::PgStore;
 use courier_core::{OutboxRow, OutboxSource, Result};
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::watch;
 
 /// The outbox of a [`PgStore`] read by tailing PostgreSQL's transaction log (logical
-/// decoding) instead of polling the table. Cheap to clone; clones share their progress.
+/// decoding) instead of polling the table. Cheap to clone; clones share their stream and
+/// progress.
 ///
 /// Needs `wal_level = logical` on the server, a free replication slot, and a role allowed
-/// to create slots and publications (`REPLICATION` or superuser, owner of the table).
+/// to create slots and publications and to open replication connections (`REPLICATION`
+/// or superuser, owner of the table).
 ///
 /// ```no_run
 /// # async fn f(publisher: impl courier_core::Publisher) -> courier_core::Result<()> {
@@ -62,28 +76,20 @@ pub struct PgLogTailing {
 struct Inner {
     store: PgStore,
     slot: String,
-    state: Mutex<State>,
-    /// Held while this process reads or advances the slot.
-    slot_use: tokio::sync::Mutex<()>,
-}
-
-#[derive(Default)]
-struct State {
-    /// What the last peek saw.
-    last: Option<progress::Peeked>,
-    /// Keys of published (and deleted) rows the slot has not passed yet.
-    done: std::collections::HashSet<i64>,
-    /// The slot's position as far as this source moved it.
-    confirmed: u64,
-    /// The lease this source's relay holds (for advancing the slot while idle).
-    lease: Option<(String, i64)>,
-    /// Columns of the outbox table by relation id (`None`: another table).
-    relations: HashMap<u32, Option<peek::Columns>>,
-    /// When the last idle mark was written.
-    last_mark: Option<std::time::Instant>,
+    /// Where the stream connects.
+    target: stream::Target,
+    /// The stream's buffer and state, shared with its background task.
+    shared: Arc<stream::Shared>,
     /// Rows up to this key were committed before the slot may have existed: relayed from
     /// the table first.
-    backfill: Option<i64>,
+    backfill: Mutex<Option<i64>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The last clone is gone: end the replication connection, freeing the slot.
+        self.shared.stop();
+    }
 }
 
 impl fmt::Debug for PgLogTailing {
@@ -108,17 +114,22 @@ impl PgLogTailing {
     /// until the transactions running at that moment have ended.
     pub async fn with_slot(store: PgStore, slot: &str) -> Result<Self> {
         slot::check_name(slot)?;
+        let target = stream::Target {
+            store: store.clone(),
+            slot: slot.to_owned(),
+            config: stream::config(&store, slot)?,
+        };
         slot::ensure(&store, slot).await?;
+        stream::check(&target).await?;
         let backfill = backfill::pending(&store, slot).await?;
+        let shared = Arc::new(stream::Shared::new(store.inner.changes.clone()));
         Ok(Self {
             inner: Arc::new(Inner {
                 store,
                 slot: slot.to_owned(),
-                state: Mutex::new(State {
-                    backfill,
-                    ..State::default()
-                }),
-                slot_use: tokio::sync::Mutex::new(()),
+                target,
+                shared,
+                backfill: Mutex::new(backfill),
             }),
         })
     }
@@ -144,6 +155,9 @@ impl PgLogTailing {
     /// still in the outbox are no longer relayed by log tailing (the polling relay still
     /// finds them). `Ok(false)` when the slot was already gone.
     pub async fn drop_slot(&self) -> Result<bool> {
+        self.inner.shared.stop();
+        // This source's stream, just stopped, lets go of the slot in a moment.
+        slot::wait_inactive(&self.inner.store, &self.inner.slot).await?;
         slot::drop(&self.inner.store, &self.inner.slot).await
     }
 
@@ -163,18 +177,43 @@ impl PgLogTailing {
         slot::lag_bytes(&self.inner.store, &self.inner.slot).await
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+    fn backfill(&self) -> MutexGuard<'_, Option<i64>> {
         // A panic while holding the lock leaves plain data behind: keep going.
         self.inner
-            .state
+            .backfill
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// `holder` no longer holds the lease: stop streaming (a slot serves one session at a
+    /// time, and the new holder needs it) and forget what was received.
+    fn lease_lost(&self, holder: &str) {
+        let mine = {
+            let mut s = self.inner.shared.lock();
+            let mine = s.lease.as_ref().is_some_and(|(h, _)| h == holder);
+            if mine {
+                s.lease = None;
+            }
+            mine
+        };
+        if mine {
+            self.inner.shared.stop();
+        }
     }
 }
 
 impl OutboxSource for PgLogTailing {
     async fn outbox_peek(&self, limit: u32, max_bytes: usize) -> Result<Vec<OutboxRow>> {
-        self.peek(limit, max_bytes).await
+        self.peek(limit, max_bytes, &[]).await
+    }
+
+    async fn outbox_peek_excluding(
+        &self,
+        limit: u32,
+        max_bytes: usize,
+        exclude: &[i64],
+    ) -> Result<Vec<OutboxRow>> {
+        self.peek(limit, max_bytes, exclude).await
     }
 
     async fn outbox_delete(&self, seqs: &[i64], holder: &str, generation: i64) -> Result<bool> {
@@ -183,26 +222,27 @@ impl OutboxSource for PgLogTailing {
 
     async fn relay_lease(&self, holder: &str, ttl_ms: u64) -> Result<Option<i64>> {
         let lease = self.inner.store.relay_lease(holder, ttl_ms).await;
-        let mut state = self.state();
         match &lease {
-            Ok(Some(g)) => state.lease = Some((holder.to_owned(), *g)),
-            Ok(None) => {
-                if state.lease.as_ref().is_some_and(|(h, _)| h == holder) {
-                    state.lease = None;
+            Ok(Some(g)) => {
+                let renewed = {
+                    let mut s = self.inner.shared.lock();
+                    let before = s.lease.replace((holder.to_owned(), *g));
+                    before.is_none_or(|(h, old)| h == holder && old == *g)
+                };
+                if !renewed {
+                    // The lease was lost and taken again: another relay may have moved
+                    // the slot meanwhile; start over from its position.
+                    self.inner.shared.stop();
                 }
             }
+            Ok(None) => self.lease_lost(holder),
             Err(_) => {}
         }
         lease
     }
 
     async fn relay_release(&self, holder: &str) -> Result<()> {
-        {
-            let mut state = self.state();
-            if state.lease.as_ref().is_some_and(|(h, _)| h == holder) {
-                state.lease = None;
-            }
-        }
+        self.lease_lost(holder);
         self.inner.store.relay_release(holder).await
     }
 

@@ -1,6 +1,8 @@
 //! The few messages of PostgreSQL's `pgoutput` logical replication protocol (version 1)
-//! the log-tailing relay needs, as returned by `pg_logical_slot_peek_binary_changes`:
-//! Begin, Relation, Insert, Commit; everything else is recognised and skipped.
+//! the log-tailing relay needs, as carried by the replication stream's `XLogData`
+//! messages: Relation and Insert (Begin and Commit too, though the replication client
+//! already reports those as events of their own); everything else is recognised and
+//! skipped.
 //!
 //! Columns are requested in binary (`binary 'true'`): `bigint` arrives as 8 big-endian
 //! bytes, `text` as its UTF-8 bytes and `bytea` as its raw bytes, so nothing needs

@@ -159,7 +159,7 @@ pub(crate) async fn ensure(store: &PgStore, name: &str) -> Result<()> {
     Ok(())
 }
 
-fn db_code(e: &sqlx::Error) -> Option<String> {
+pub(super) fn db_code(e: &sqlx::Error) -> Option<String> {
     match e {
         sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
         _ => None,
@@ -210,6 +210,24 @@ pub(crate) async fn drop(store: &PgStore, name: &str) -> Result<bool> {
     .await
     .map_err(store.err("dropping the outbox publication"))?;
     Ok(dropped)
+}
+
+/// Wait (up to 5 s) until no session reads slot `name` (this process's stream ends in
+/// the background when stopped).
+pub(crate) async fn wait_inactive(store: &PgStore, name: &str) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let active: Option<bool> =
+            sqlx::query_scalar("SELECT active FROM pg_replication_slots WHERE slot_name = $1")
+                .bind(name)
+                .fetch_optional(store.pool())
+                .await
+                .map_err(store.err("looking up the replication slot"))?;
+        if active != Some(true) || tokio::time::Instant::now() >= deadline {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 /// Bytes of WAL the slot holds back (from its confirmed position to the current one), or

@@ -202,3 +202,88 @@ async fn rows_committed_before_the_slot_existed_are_relayed_first() {
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].message.as_ref().unwrap().id, more[0].id);
 }
+
+/// A row committed while the relay runs arrives from the replication stream at once:
+/// inserted without `NOTIFY`, with the relay's poll a minute away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_committed_while_streaming_arrive_without_notify_or_poll() {
+    let Some(f) = PgFactory::tailing().await else {
+        return;
+    };
+    let src = f.tailing_source().await;
+    let mut cfg = courier_core::RelayConfig::default()
+        .instance("stream")
+        .lease_ttl(Duration::from_secs(60));
+    cfg.poll_interval = Duration::from_secs(60);
+    let relay = RunningRelay::start(src, f.publisher(), cfg);
+    courier_testkit::wait_until(Duration::from_secs(10), "relay active", || async {
+        relay
+            .stats
+            .leases_taken
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 1
+    })
+    .await;
+    let ch = ChannelName::new(courier_testkit::unique("stream")).unwrap();
+    for round in 0..3 {
+        let m = Message::new(format!("s{round}")).to(ch.clone());
+        let t0 = std::time::Instant::now();
+        sqlx::query(
+            "INSERT INTO courier_outbox (message_id, channel, headers, payload, created_at)
+             VALUES ($1, $2, $3, $4, 0)",
+        )
+        .bind(m.id.to_string())
+        .bind(ch.as_str())
+        .bind(m.headers.to_json())
+        .bind(m.payload.to_vec())
+        .execute(f.store.pool())
+        .await
+        .unwrap();
+        courier_testkit::wait_until(
+            Duration::from_secs(10),
+            "streamed row published",
+            || async { f.arrived(&ch).await.unwrap().len() == round + 1 },
+        )
+        .await;
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "round {round} took {:?} (the poll is 60 s away)",
+            t0.elapsed()
+        );
+    }
+    relay.stop().await;
+}
+
+/// A transaction larger than the stream's buffer goes through whole and in order: the
+/// stream pauses while the buffer is full and goes on as rows are confirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_larger_than_the_buffer_is_relayed_in_order() {
+    let Some(f) = PgFactory::tailing().await else {
+        return;
+    };
+    let ch = ChannelName::new(courier_testkit::unique("big")).unwrap();
+    let all: Vec<Message> = (0..12_000)
+        .map(|i| Message::new(format!("b{i}")).to(ch.clone()))
+        .collect();
+    let src = f.tailing_source().await;
+    f.commit(&all).await.unwrap();
+    let relay = RunningRelay::start(src, f.publisher(), courier_core::RelayConfig::default());
+    courier_testkit::wait_until(Duration::from_secs(60), "all relayed", || async {
+        f.arrived(&ch).await.unwrap().len() >= all.len()
+    })
+    .await;
+    let got: Vec<String> = f
+        .arrived(&ch)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.id.to_string())
+        .collect();
+    let sent: Vec<String> = all.iter().map(|m| m.id.to_string()).collect();
+    assert!(got == sent, "every message once, in order");
+    courier_testkit::wait_until(Duration::from_secs(10), "outbox empty", || async {
+        f.outbox_len().await.unwrap() == 0
+    })
+    .await;
+    relay.stop().await;
+}
