@@ -439,8 +439,9 @@ async fn raw_sqlite(
 /// Run the bench (or, with `--internal-consumer`, its consumer process).
 pub(crate) async fn run(args: BenchArgs, json: bool) -> Result<()> {
     // Warnings (a server unreachable, retries) go to stderr, in both processes.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,lapin=off"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("warn,lapin=off,pgwire_replication=off")
+    });
     // Fails only if a subscriber is already set, which is harmless.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -822,8 +823,11 @@ async fn run_with_channel<S: BenchStore, R: OutboxSource>(
     let seconds =
         (totals.last_us.unwrap_or(start_us as i64) as f64 - start_us as f64).max(1.0) / 1e6;
     let throughput = totals.distinct as f64 / seconds;
-    let producing_s =
-        (last_commit_us.load(Ordering::Relaxed).saturating_sub(start_us) as f64 / 1e6).max(1e-6);
+    let producing_s = (last_commit_us
+        .load(Ordering::Relaxed)
+        .saturating_sub(start_us) as f64
+        / 1e6)
+        .max(1e-6);
     let producer_commit_rate_per_s = committed.load(Ordering::Relaxed) as f64 / producing_s;
     Ok(Report {
         messages: args.messages,
@@ -966,7 +970,8 @@ fn print_human(r: &Report) {
         "  raw db commit     {:>10.0} /s     (same run, BEGIN; INSERT; COMMIT per row; ratio {:.2})",
         r.raw_commit_rate_per_s, r.throughput_vs_raw
     );
-    if let (Some(auto), Some(ratio)) = (r.raw_autocommit_rate_per_s, r.throughput_vs_raw_autocommit) {
+    if let (Some(auto), Some(ratio)) = (r.raw_autocommit_rate_per_s, r.throughput_vs_raw_autocommit)
+    {
         println!(
             "                    {auto:>10.0} /s     (one autocommit INSERT per row; ratio {ratio:.2})"
         );

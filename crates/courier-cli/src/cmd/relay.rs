@@ -112,10 +112,11 @@ enum How {
 }
 
 pub(crate) async fn run(args: Args) -> Result<()> {
-    // lapin logs each message RabbitMQ returns and each refused lock probe; Courier's
-    // RabbitMQ transport reports what matters itself.
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,lapin=off"));
+    // lapin logs each message RabbitMQ returns and each refused lock probe, and
+    // pgwire-replication logs an error whenever a replication stream ends (also on a
+    // take-over); Courier's transports and the log-tailing source report what matters.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,lapin=off,pgwire_replication=off"));
     // Fails only if a subscriber is already set, which is harmless.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
