@@ -161,26 +161,17 @@ impl PgLogTailing {
     }
 }
 
-/// What [`fenced`] does under the lease.
-#[derive(Debug)]
-pub(super) enum Step {
-    /// End the session that holds the slot (a relay that lost the lease).
-    EndSlotHolder,
-}
-
-/// Do `step` in a transaction that holds the lease of `generation` (`false` if not).
-pub(super) async fn fenced(
+/// End the session that holds `slot` (a relay that lost the lease and has not noticed
+/// yet), in a transaction that holds the lease of `generation` (`false` if it does not):
+/// fenced like a delete.
+pub(super) async fn end_slot_holder(
     store: &PgStore,
     slot: &str,
     holder: &str,
     generation: i64,
-    step: Step,
 ) -> Result<bool> {
-    let mut tx = store
-        .pool()
-        .begin()
-        .await
-        .map_err(store.err("confirming published outbox rows"))?;
+    let what = "ending the session that holds the slot";
+    let mut tx = store.pool().begin().await.map_err(store.err(what))?;
     let held: Option<i32> = sqlx::query_scalar(
         "SELECT 1 FROM courier_relay_lease
          WHERE outbox = 'default' AND holder = $1 AND generation = $2 FOR SHARE",
@@ -194,25 +185,19 @@ pub(super) async fn fenced(
         let _ = tx.rollback().await;
         return Ok(false);
     }
-    match step {
-        Step::EndSlotHolder => {
-            let ended = sqlx::query(
-                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
-                 WHERE slot_name = $1 AND active_pid IS NOT NULL",
-            )
-            .bind(slot)
-            .execute(&mut *tx)
-            .await;
-            if let Err(e) = ended {
-                // insufficient_privilege: another role's session; it ends on its own.
-                if db_code(&e).as_deref() != Some("42501") {
-                    return Err(map(format!("ending the session that holds slot {slot}"), e));
-                }
-            }
+    let ended = sqlx::query(
+        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
+         WHERE slot_name = $1 AND active_pid IS NOT NULL",
+    )
+    .bind(slot)
+    .execute(&mut *tx)
+    .await;
+    if let Err(e) = ended {
+        // insufficient_privilege: another role's session; it ends on its own.
+        if db_code(&e).as_deref() != Some("42501") {
+            return Err(map(format!("ending the session that holds slot {slot}"), e));
         }
     }
-    tx.commit()
-        .await
-        .map_err(store.err("confirming published outbox rows"))?;
+    tx.commit().await.map_err(store.err(what))?;
     Ok(true)
 }

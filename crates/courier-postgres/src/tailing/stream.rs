@@ -428,8 +428,7 @@ async fn take_slot_over(shared: &Shared, target: &Target) {
     let Some((holder, generation)) = shared.lock().lease.clone() else {
         return;
     };
-    let step = super::peek::Step::EndSlotHolder;
-    match super::peek::fenced(&target.store, &target.slot, &holder, generation, step).await {
+    match super::peek::end_slot_holder(&target.store, &target.slot, &holder, generation).await {
         Ok(true) => tracing::info!(slot = %target.slot,
             "log tailing: ended the session of a relay that lost the lease"),
         Ok(false) => {}
