@@ -69,6 +69,16 @@ pub trait OutboxSource: Clone + Send + Sync + 'static {
     /// the backend has one); the relay also polls.
     fn outbox_changes(&self) -> tokio::sync::watch::Receiver<u64>;
 
+    /// The relay is about to wait for [`outbox_changes`](Self::outbox_changes): make
+    /// sure commits signal from now on, for a source whose writers signal only while a
+    /// relay waits (a signal can cost writers more than their write). `true` when
+    /// armed: the relay then looks once more before it waits, for rows committed before;
+    /// `false` when it cannot be armed yet (writers in flight that will not signal): the
+    /// relay looks again shortly instead of waiting for the idle poll. A source whose
+    /// signal is always on returns `true`; a wrapper must forward it (no default, so
+    /// that a wrapper cannot silently lose the wake-ups).
+    fn outbox_arm(&self) -> impl Future<Output = bool> + Send;
+
     /// What this outbox is, for logs and errors (a file path, a URL without password).
     fn describe(&self) -> String;
 }

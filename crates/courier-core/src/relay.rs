@@ -126,6 +126,9 @@ impl<S: OutboxSource, P: Publisher> Relay<S, P> {
         let mut last_renew = tokio::time::Instant::now() - renew_every;
         let mut failures = 0u32;
         let mut recheck = crate::wakeup::Recheck::default();
+        // Whether the source's signal is armed since the last wake-up, and how many times
+        // in a row it could not be.
+        let (mut armed, mut arm_failures) = (false, 0u32);
         tokio::pin!(shutdown);
         loop {
             // Lease: take or renew.
@@ -172,14 +175,28 @@ impl<S: OutboxSource, P: Publisher> Relay<S, P> {
                 recheck.found();
                 continue;
             }
-            let wait = if generation.is_some() {
+            let mut wait = if generation.is_some() {
                 recheck.next_wait(self.config.poll_interval.min(renew_every))
             } else {
                 renew_every
             };
+            if generation.is_some() && !armed {
+                if self.store.outbox_arm().await {
+                    // Look once more: rows committed before arming did not signal.
+                    (armed, arm_failures) = (true, 0);
+                    continue;
+                }
+                // Writers in flight will not signal: look again shortly (backing off).
+                wait = wait.min(Duration::from_millis(1 << (2 * arm_failures.min(5))));
+                arm_failures += 1;
+            }
             tokio::select! {
                 _ = &mut shutdown => break,
-                _ = wake.changed() => recheck.woken(),
+                _ = wake.changed() => {
+                    recheck.woken();
+                    // A signal disarms it (writers stop signalling while the relay works).
+                    armed = false;
+                }
                 _ = tokio::time::sleep(wait) => {}
             }
         }

@@ -46,12 +46,14 @@
 mod broker;
 mod correlation;
 mod error;
+mod held;
 mod outbox;
 mod reference;
 mod schema;
 mod source;
 mod store;
 mod tailing;
+mod tx;
 
 pub use broker::{
     ChannelInfo, GroupInfo, GroupPartition, PartitionInfo, PgBroker, PgBrokerChanges,
@@ -63,6 +65,7 @@ pub use outbox::{Outbox, OutboxTarget};
 pub use reference::raw_commit_rate;
 pub use store::PgStore;
 pub use tailing::PgLogTailing;
+pub use tx::PgStoreTx;
 
 use bytes::Bytes;
 use courier_core::{Headers, Message, MessageId};

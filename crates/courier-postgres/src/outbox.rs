@@ -13,6 +13,22 @@ use sqlx::postgres::PgConnection;
 /// The `NOTIFY` channel the outbox announces its commits on.
 pub(crate) const CHANNEL: &str = "courier_outbox";
 
+/// The first key of the advisory lock by which a relay says it waits for a signal (the
+/// second is `hashtext` of the outbox's schema). "cour" in ASCII.
+pub(crate) const SIGNAL_LOCK_CLASS: i32 = 0x636f_7572;
+
+/// The end of every outbox write: `NOTIFY courier_outbox` (payload: the schema, so the
+/// relays of other schemas in the same database ignore it) only when a relay waits for
+/// one. A relay about to wait holds the schema's signal lock exclusively (it *arms*, see
+/// `PgStore::outbox_arm`); a writer that gets the lock shared knows no relay waits, and
+/// keeps it until its transaction ends, so a relay cannot arm while such a writer is in
+/// flight — after arming, one more look at the outbox finds every row committed
+/// without a signal. A `NOTIFY` costs more than the write: PostgreSQL serialises the
+/// commits of notifying transactions on one lock, so under load (the relay never waits)
+/// no writer sends one, and commits stay grouped.
+pub(crate) const NOTIFY_IF_WAITED_FOR: &str = "SELECT pg_notify('courier_outbox', coalesce(current_schema(), '')) \
+     WHERE NOT pg_try_advisory_xact_lock_shared(1668248946, hashtext(coalesce(current_schema(), '')))";
+
 /// Rows per `INSERT` (5 parameters each, well under PostgreSQL's 65,535).
 const ROWS_PER_INSERT: usize = 1000;
 
@@ -36,6 +52,21 @@ pub trait OutboxTarget: Send {
 impl OutboxTarget for PgConnection {
     fn write_outbox<'a>(&'a mut self, messages: &'a [Message]) -> BoxFuture<'a, Result<()>> {
         Box::pin(insert_outbox(self, messages))
+    }
+
+    fn write_correlations<'a>(
+        &'a mut self,
+        rows: &'a [NewCorrelation],
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(crate::correlation::insert(self, rows, CALLER_TX))
+    }
+}
+
+impl OutboxTarget for crate::PgStoreTx {
+    /// Queued: written with the `COMMIT`, in its round trip.
+    fn write_outbox<'a>(&'a mut self, messages: &'a [Message]) -> BoxFuture<'a, Result<()>> {
+        self.buffer_outbox(messages);
+        Box::pin(async { Ok(()) })
     }
 
     fn write_correlations<'a>(
@@ -73,9 +104,8 @@ impl OutboxTarget for sqlx::pool::PoolConnection<Postgres> {
 }
 
 /// Insert `messages` into `courier_outbox` on `conn` (inside the caller's transaction)
-/// and `NOTIFY courier_outbox` in the same statement; PostgreSQL delivers the
-/// notification when (and only if) the transaction commits. The payload is the schema,
-/// so relays of other schemas in the same database can ignore it.
+/// and, if a relay waits for a signal, `NOTIFY courier_outbox` in the same statement
+/// (see [`NOTIFY_IF_WAITED_FOR`]).
 pub(crate) async fn insert_outbox(conn: &mut PgConnection, messages: &[Message]) -> Result<()> {
     let now = now_ms() as i64;
     for chunk in messages.chunks(ROWS_PER_INSERT) {
@@ -98,14 +128,74 @@ pub(crate) async fn insert_outbox(conn: &mut PgConnection, messages: &[Message])
                 .push_bind(p)
                 .push_bind(now);
         });
-        q.push(") SELECT pg_notify('")
-            .push(CHANNEL)
-            .push("', coalesce(current_schema(), ''))");
+        q.push(") ").push(NOTIFY_IF_WAITED_FOR);
         q.build()
             .execute(&mut *conn)
             .await
             .map_err(|e| map("writing to the outbox", e))?;
     }
+    Ok(())
+}
+
+/// The outbox write of [`PgStoreTx::commit`](crate::PgStoreTx::commit) as SQL text, to
+/// go with the `COMMIT` in one simple-protocol query (which takes no bound parameters):
+/// `INSERT`s of up to [`ROWS_PER_INSERT`] rows and the conditional `NOTIFY`, each ended
+/// by `;`. Text values are escape-string literals (`E'…'`, quotes and backslashes
+/// doubled, so `standard_conforming_strings` does not matter), payloads hex-decoded.
+pub(crate) fn insert_sql(messages: &[Message]) -> Result<String> {
+    use std::fmt::Write as _;
+    let now = now_ms() as i64;
+    let size: usize = messages
+        .iter()
+        .map(|m| 2 * m.payload.len() + m.headers.len() * 48 + 160)
+        .sum();
+    let mut sql = String::with_capacity(size + 256);
+    for chunk in messages.chunks(ROWS_PER_INSERT) {
+        sql.push_str(
+            "INSERT INTO courier_outbox (message_id, channel, headers, payload, created_at) VALUES ",
+        );
+        for (i, m) in chunk.iter().enumerate() {
+            if i > 0 {
+                sql.push(',');
+            }
+            sql.push('(');
+            push_text(&mut sql, &m.id.to_string(), "message id")?;
+            sql.push(',');
+            push_text(&mut sql, m.channel()?.as_str(), "channel")?;
+            sql.push(',');
+            push_text(&mut sql, &m.headers.to_json(), "headers")?;
+            sql.push_str(",decode('");
+            for b in m.payload.iter() {
+                let _ = write!(sql, "{b:02x}");
+            }
+            let _ = write!(sql, "','hex'),{now})");
+        }
+        sql.push_str(";\n");
+    }
+    sql.push_str(NOTIFY_IF_WAITED_FOR);
+    sql.push_str(";\n");
+    Ok(sql)
+}
+
+/// Append `s` as an escape-string literal. PostgreSQL text cannot hold NUL.
+fn push_text(sql: &mut String, s: &str, field: &str) -> Result<()> {
+    if s.contains('\0') {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "the {field} of an outbox message contains a NUL character, which PostgreSQL text cannot hold"
+            ),
+        ));
+    }
+    sql.push_str("E'");
+    for c in s.chars() {
+        match c {
+            '\'' => sql.push_str("''"),
+            '\\' => sql.push_str("\\\\"),
+            c => sql.push(c),
+        }
+    }
+    sql.push('\'');
     Ok(())
 }
 

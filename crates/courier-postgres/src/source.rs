@@ -7,7 +7,7 @@ use courier_core::{OutboxRow, OutboxSource, Result};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 impl PgStore {
     /// Read up to `limit` outbox rows (and at most about `max_bytes`, at least one row),
@@ -29,15 +29,26 @@ impl PgStore {
         exclude: &[i64],
     ) -> Result<Vec<OutboxRow>> {
         let after = exclude.iter().copied().max().unwrap_or(i64::MIN);
-        let rows: Vec<(i64, String, String, Vec<u8>)> = sqlx::query_as(
-            "SELECT seq, message_id, headers, payload FROM courier_outbox
-             WHERE seq > $2 ORDER BY seq LIMIT $1",
-        )
-        .bind(i64::from(limit))
-        .bind(after)
-        .fetch_all(self.pool())
-        .await
-        .map_err(self.err("reading the outbox"))?;
+        let mut conn = self.held().await.map_err(self.err("reading the outbox"))?;
+        let mut retried = false;
+        let rows: Vec<(i64, String, String, Vec<u8>)> = loop {
+            let r = sqlx::query_as(
+                "SELECT seq, message_id, headers, payload FROM courier_outbox
+                 WHERE seq > $2 ORDER BY seq LIMIT $1",
+            )
+            .bind(i64::from(limit))
+            .bind(after)
+            .fetch_all(&mut *conn)
+            .await;
+            match r {
+                Ok(rows) => break rows,
+                Err(e) => {
+                    conn = self
+                        .after_error(conn, e, &mut retried, "reading the outbox")
+                        .await?
+                }
+            }
+        };
         let mut out = Vec::with_capacity(rows.len());
         let mut bytes = 0usize;
         for (seq, id, headers, payload) in rows {
@@ -59,23 +70,61 @@ impl PgStore {
         }
         // One statement: the lease check and the delete are atomic. `FOR SHARE` makes a
         // concurrent take-over wait for this delete (or this delete see the take-over).
-        let deleted = sqlx::query(
-            "DELETE FROM courier_outbox WHERE seq = ANY($1) AND EXISTS (
-               SELECT 1 FROM courier_relay_lease
-               WHERE outbox = 'default' AND holder = $2 AND generation = $3 FOR SHARE)",
-        )
-        .bind(seqs)
-        .bind(holder)
-        .bind(generation)
-        .execute(self.pool())
-        .await
-        .map_err(self.err("deleting published outbox rows"))?
-        .rows_affected();
+        let what = "deleting published outbox rows";
+        let mut conn = self.held().await.map_err(self.err(what))?;
+        let mut retried = false;
+        let deleted = loop {
+            let r = sqlx::query(
+                "DELETE FROM courier_outbox WHERE seq = ANY($1) AND EXISTS (
+                   SELECT 1 FROM courier_relay_lease
+                   WHERE outbox = 'default' AND holder = $2 AND generation = $3 FOR SHARE)",
+            )
+            .bind(seqs)
+            .bind(holder)
+            .bind(generation)
+            .execute(&mut *conn)
+            .await;
+            match r {
+                Ok(r) => break r.rows_affected(),
+                // Deleting again is harmless: a retry after a lost connection is safe.
+                Err(e) => conn = self.after_error(conn, e, &mut retried, what).await?,
+            }
+        };
+        drop(conn);
         if deleted > 0 {
             return Ok(true);
         }
         // Nothing deleted: either the lease was lost, or the rows were already gone.
         self.holds_lease(holder, generation).await
+    }
+
+    /// A held connection (no pool round trip) for one of the relay's statements.
+    async fn held(&self) -> std::result::Result<crate::held::HeldConn, sqlx::Error> {
+        self.inner.held.get().await
+    }
+
+    /// After statement error `e` on `conn`: a fresh connection to run it again on, once,
+    /// when `conn` was parked and turned out dead (the statements given here are safe to
+    /// repeat); otherwise the error, with `conn` closed if it is broken.
+    async fn after_error(
+        &self,
+        mut conn: crate::held::HeldConn,
+        e: sqlx::Error,
+        retried: &mut bool,
+        what: &str,
+    ) -> Result<crate::held::HeldConn> {
+        if !*retried && conn.reused && crate::held::is_stale(&e) {
+            *retried = true;
+            conn.renew().await.map_err(self.err(what))?;
+            return Ok(conn);
+        }
+        if crate::held::is_broken(&e) {
+            conn.discard();
+        }
+        Err(crate::error::map(
+            format!("{what} in {}", self.inner.describe),
+            e,
+        ))
     }
 
     async fn holds_lease(&self, holder: &str, generation: i64) -> Result<bool> {
@@ -126,6 +175,28 @@ impl PgStore {
         Ok(())
     }
 
+    /// Arm the outbox signal: from now until the next notification, every commit to the
+    /// outbox sends `NOTIFY courier_outbox` (see the outbox module: writers notify only
+    /// while a relay waits). `true` when armed (then look at the outbox once more: rows
+    /// committed before arming were not announced); `false` when it cannot be armed now
+    /// (writers are in flight, or the listener is not connected): look again shortly.
+    pub async fn outbox_arm(&self) -> bool {
+        self.ensure_listener();
+        let arm = match self.inner.listener.lock() {
+            Ok(slot) => slot.as_ref().map(|h| h.arm.clone()),
+            Err(_) => None,
+        };
+        let Some(arm) = arm else { return false };
+        let (tx, rx) = oneshot::channel();
+        if arm.send(tx).await.is_err() {
+            return false;
+        }
+        matches!(
+            tokio::time::timeout(Duration::from_secs(1), rx).await,
+            Ok(Ok(true))
+        )
+    }
+
     /// Start the `LISTEN` task once (needs a tokio runtime; without one the relay polls).
     fn ensure_listener(&self) {
         let Ok(mut slot) = self.inner.listener.lock() else {
@@ -138,27 +209,43 @@ impl PgStore {
             return;
         };
         let (stop_tx, stop_rx) = oneshot::channel();
-        *slot = Some(stop_tx);
+        let (arm_tx, arm_rx) = mpsc::channel(4);
+        *slot = Some(ListenerHandle {
+            _stop: stop_tx,
+            arm: arm_tx,
+        });
         let options = (*self.pool().connect_options()).clone();
         rt.spawn(listen(
             options,
             self.inner.schema.clone(),
             self.inner.changes.clone(),
             stop_rx,
+            arm_rx,
             self.inner.describe.clone(),
         ));
     }
 }
 
+/// The store's side of its `LISTEN` task.
+pub(crate) struct ListenerHandle {
+    /// Stops the task when dropped.
+    _stop: oneshot::Sender<()>,
+    /// Asks the task to arm the signal; it answers whether it is armed.
+    arm: mpsc::Sender<oneshot::Sender<bool>>,
+}
+
 /// `LISTEN courier_outbox` on a connection of its own (not one of the store's pool) and
 /// bump `changes` on every notification for `schema`, and once after every (re)connect:
 /// notifications sent while the listener was away are lost, so the relay looks once.
+/// The same connection holds the schema's signal lock while armed (asked on `arm`), and
+/// lets it go at the first notification (the relay is awake: writers stop notifying).
 /// Ends when `stop` resolves (the store was dropped).
 async fn listen(
     options: PgConnectOptions,
     schema: String,
     changes: Arc<watch::Sender<u64>>,
     mut stop: oneshot::Receiver<()>,
+    mut arm: mpsc::Receiver<oneshot::Sender<bool>>,
     describe: String,
 ) {
     let options = options.application_name(&listener_name(&schema));
@@ -180,18 +267,41 @@ async fn listen(
                 Ok(mut listener) => {
                     failures = 0;
                     bump();
+                    let mut armed = false;
                     loop {
                         tokio::select! {
                             _ = &mut stop => return,
+                            Some(reply) = arm.recv() => {
+                                if !armed {
+                                    match signal_lock(&mut listener, &schema, true).await {
+                                        Ok(got) => armed = got,
+                                        Err(e) => {
+                                            let _ = reply.send(false);
+                                            break e;
+                                        }
+                                    }
+                                }
+                                let _ = reply.send(armed);
+                            }
                             r = listener.try_recv() => match r {
                                 Ok(Some(n)) => {
                                     if n.payload().is_empty() || n.payload() == schema {
                                         bump();
+                                        if armed {
+                                            armed = false;
+                                            if let Err(e) = signal_lock(&mut listener, &schema, false).await {
+                                                break e;
+                                            }
+                                        }
                                     }
                                 }
                                 // The connection dropped and was re-established (and
                                 // re-listened): catch up on what may have been missed.
-                                Ok(None) => bump(),
+                                // The lock went with the old session.
+                                Ok(None) => {
+                                    armed = false;
+                                    bump();
+                                }
                                 Err(e) => break e,
                             },
                         }
@@ -209,6 +319,25 @@ async fn listen(
             _ = tokio::time::sleep(delay) => {}
         }
     }
+}
+
+/// Take (`true`: without waiting; whether it was granted) or let go of the signal lock
+/// of `schema` on the listener's session.
+async fn signal_lock(
+    listener: &mut PgListener,
+    schema: &str,
+    take: bool,
+) -> std::result::Result<bool, sqlx::Error> {
+    let sql = if take {
+        "SELECT pg_try_advisory_lock($1, hashtext($2))"
+    } else {
+        "SELECT pg_advisory_unlock($1, hashtext($2))"
+    };
+    sqlx::query_scalar(sql)
+        .bind(crate::outbox::SIGNAL_LOCK_CLASS)
+        .bind(schema)
+        .fetch_one(listener)
+        .await
 }
 
 /// The `application_name` of the listener connection (visible in `pg_stat_activity`).
@@ -245,6 +374,10 @@ impl OutboxSource for PgStore {
 
     async fn relay_release(&self, holder: &str) -> Result<()> {
         PgStore::relay_release(self, holder).await
+    }
+
+    async fn outbox_arm(&self) -> bool {
+        PgStore::outbox_arm(self).await
     }
 
     fn outbox_changes(&self) -> watch::Receiver<u64> {

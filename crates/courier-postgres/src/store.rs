@@ -1,6 +1,7 @@
 //! The service database on PostgreSQL: inbox, dead letters, and the store the dispatcher
 //! runs handlers in.
 
+use crate::PgStoreTx;
 use crate::error::{connect_error, map, redact_url};
 use bytes::Bytes;
 use courier_core::dead_letter::DeadLetterRecord;
@@ -9,12 +10,12 @@ use courier_core::{
     MessageStore, NewCorrelation, NewDeadLetter, ReplyApplied, ReplyRecord, Result, now_ms,
 };
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
-use sqlx::{Connection, Postgres, Row, Transaction};
+use sqlx::{Connection, Row};
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
 /// How long [`PgStore::connect`] waits for the first connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -37,8 +38,12 @@ pub(crate) struct Inner {
     pub(crate) schema: String,
     /// Bumped when outbox rows may have been committed.
     pub(crate) changes: Arc<watch::Sender<u64>>,
-    /// Stops the `LISTEN` task (started by the first `outbox_changes`) when dropped.
-    pub(crate) listener: std::sync::Mutex<Option<oneshot::Sender<()>>>,
+    /// The `LISTEN` task (started by the first `outbox_changes`): stops when dropped.
+    pub(crate) listener: std::sync::Mutex<Option<crate::source::ListenerHandle>>,
+    /// Connections held outside the pool for transactions and the relay.
+    pub(crate) held: Arc<crate::held::Held>,
+    /// `describe`, shared with transactions.
+    pub(crate) label: Arc<str>,
 }
 
 impl fmt::Debug for PgStore {
@@ -96,6 +101,8 @@ impl PgStore {
         let (changes, _) = watch::channel(0u64);
         Ok(Self {
             inner: Arc::new(Inner {
+                held: crate::held::Held::new(pool.clone()),
+                label: Arc::from(describe.as_str()),
                 pool,
                 describe,
                 schema,
@@ -106,13 +113,17 @@ impl PgStore {
     }
 
     /// Begin a transaction: run your business statements on `&mut *tx`, add messages with
-    /// `store.outbox().send(&mut tx, msg)`, then `tx.commit()`.
-    pub async fn begin(&self) -> Result<Transaction<'static, Postgres>> {
-        self.inner
-            .pool
-            .begin()
+    /// `store.outbox().send(&mut tx, msg)`, then `tx.commit()` (see [`PgStoreTx`]). Its
+    /// connection is one the store holds outside [`pool`](Self::pool) (at most as many
+    /// as the pool's size), so it costs no pool round trip.
+    pub async fn begin(&self) -> Result<PgStoreTx> {
+        let conn = self
+            .inner
+            .held
+            .get()
             .await
-            .map_err(self.err("beginning a transaction"))
+            .map_err(self.err("beginning a transaction"))?;
+        PgStoreTx::begin(conn, self.inner.label.clone()).await
     }
 
     /// The pool, for the service's own queries and transactions.
@@ -241,9 +252,7 @@ impl PgStore {
         release_parked(&mut tx, &dl)
             .await
             .map_err(self.err("releasing parked messages"))?;
-        tx.commit()
-            .await
-            .map_err(self.err("discarding a dead letter"))?;
+        tx.commit().await?;
         Ok(dl)
     }
 
@@ -319,7 +328,7 @@ async fn release_parked(
 }
 
 impl MessageStore for PgStore {
-    type Tx = Transaction<'static, Postgres>;
+    type Tx = PgStoreTx;
     type Conn = PgConnection;
 
     fn conn(tx: &mut Self::Tx) -> &mut Self::Conn {
@@ -331,7 +340,7 @@ impl MessageStore for PgStore {
     }
 
     async fn commit(&self, tx: Self::Tx) -> Result<()> {
-        tx.commit().await.map_err(self.err("committing"))
+        tx.commit().await
     }
 
     async fn savepoint(&self, tx: &mut Self::Tx) -> Result<()> {

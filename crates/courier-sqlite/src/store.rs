@@ -590,6 +590,11 @@ impl OutboxSource for SqliteStore {
         SqliteStore::relay_release(self, holder).await
     }
 
+    /// Always on: every commit signals.
+    async fn outbox_arm(&self) -> bool {
+        true
+    }
+
     fn outbox_changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.inner.waker.subscribe()
     }

@@ -246,6 +246,11 @@ impl OutboxSource for PgLogTailing {
         self.inner.store.relay_release(holder).await
     }
 
+    /// Always on: the stream wakes the relay with every row it receives.
+    async fn outbox_arm(&self) -> bool {
+        true
+    }
+
     fn outbox_changes(&self) -> watch::Receiver<u64> {
         OutboxSource::outbox_changes(&self.inner.store)
     }

@@ -240,7 +240,7 @@ async fn inbox_records_in_one_statement_and_prunes_in_batches() {
 async fn write_outbox(store: &PgStore, channel: &ChannelName, from: u32, to: u32) -> Vec<Message> {
     let mut all = Vec::new();
     for i in from..to {
-        let mut tx = store.pool().begin().await.unwrap();
+        let mut tx = store.begin().await.unwrap();
         let m = Message::new(format!("{i}"))
             .to(channel.clone())
             .with_key(format!("k{}", i % 3))
@@ -315,6 +315,129 @@ async fn outbox_writes_join_the_transaction_and_refuse_bad_messages() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_rows_written_with_the_commit_keep_every_byte() {
+    let Some(e) = env().await else { return };
+    let (store, ch) = (&e.store, ChannelName::new("orders").unwrap());
+    sqlx::query("CREATE TABLE business (n INT NOT NULL)")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    // Headers and payloads that an SQL literal must escape: quotes, backslashes, `E'`
+    // look-alikes, a semicolon with a statement after it, non-ASCII, every byte value.
+    let tricky = "it's a \\'quote\\' E'\\x00' ; DROP TABLE business; -- ünïcødé ✓ \\\\";
+    let payload: Vec<u8> = (0..=255u8).chain(b"'\\;".iter().copied()).collect();
+    let m = Message::new(payload.clone())
+        .to(ch.clone())
+        .with_key(tricky)
+        .unwrap()
+        .with_header("x-note", tricky)
+        .unwrap();
+    let mut tx = store.begin().await.unwrap();
+    sqlx::query("INSERT INTO business (n) VALUES (1)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    store.outbox().send(&mut tx, m.clone()).await.unwrap();
+    // Nothing is written before the commit: the rows go with it, in its round trip.
+    assert_eq!(store.outbox_len().await.unwrap(), 0);
+    tx.commit().await.unwrap();
+    let rows = store.outbox_peek(10, 1 << 20).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    let got = rows[0].message.as_ref().unwrap();
+    assert_eq!(got.id, m.id);
+    assert_eq!(got.payload.as_ref(), &payload[..]);
+    assert_eq!(got.headers.get_raw("x-note"), Some(tricky));
+    assert_eq!(got.headers.partition_key(), Some(tricky));
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM business")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(n, 1, "the business row committed with the message");
+
+    // A statement of the commit's query fails (here a constraint on the outbox): the
+    // transaction rolls back whole, the error says so, and the connection is clean for
+    // the next transaction.
+    sqlx::query("ALTER TABLE courier_outbox ADD CONSTRAINT no_poison CHECK (channel <> 'poison')")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let mut tx = store.begin().await.unwrap();
+        sqlx::query("INSERT INTO business (n) VALUES (2)")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let poison = Message::new("x").to(ChannelName::new("poison").unwrap());
+        store.outbox().send(&mut tx, poison).await.unwrap();
+        let err = tx.commit().await.unwrap_err();
+        assert!(err.to_string().contains("committing"), "{err}");
+        assert!(err.to_string().contains("no_poison"), "{err}");
+    }
+    let mut tx = store.begin().await.unwrap();
+    sqlx::query("INSERT INTO business (n) VALUES (3)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    store
+        .outbox()
+        .send(&mut tx, Message::new("y").to(ch.clone()))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let ns: Vec<i32> = sqlx::query_scalar("SELECT n FROM business ORDER BY n")
+        .fetch_all(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(ns, vec![1, 3]);
+    assert_eq!(store.outbox_len().await.unwrap(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_survive_their_parked_connections_dying() {
+    let Some(e) = env().await else { return };
+    let (store, ch) = (&e.store, ChannelName::new("orders").unwrap());
+    // Park a few connections (noting their server processes), then kill them.
+    let mut txs = Vec::new();
+    let mut pids: Vec<i32> = Vec::new();
+    for _ in 0..3 {
+        let mut tx = store.begin().await.unwrap();
+        pids.push(
+            sqlx::query_scalar("SELECT pg_backend_pid()")
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap(),
+        );
+        txs.push(tx);
+    }
+    for tx in txs {
+        tx.commit().await.unwrap();
+    }
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM unnest($1::int[]) AS t(pid)",
+    )
+    .bind(&pids)
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(killed, 3);
+    wait_until(T, "the killed connections gone", || async {
+        let left: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1::int[])")
+                .bind(&pids)
+                .fetch_one(store.pool())
+                .await
+                .unwrap();
+        left == 0
+    })
+    .await;
+    // Each transaction finds its parked connection dead at BEGIN and takes a fresh one.
+    write_outbox(store, &ch, 0, 4).await;
+    assert_eq!(store.outbox_len().await.unwrap(), 4);
+    // The relay's statements too.
+    assert_eq!(store.outbox_peek(10, 1 << 20).await.unwrap().len(), 4);
+}
+
 /// Whether the store's `LISTEN` connection is up (its application_name names the schema).
 async fn listening(e: &Env) -> bool {
     let n: i64 = sqlx::query_scalar(
@@ -341,6 +464,11 @@ async fn listen_notify_wakes_the_relay_long_before_its_poll() {
     })
     .await;
     changes.borrow_and_update();
+    // Writers notify only while a relay waits: it arms the signal first.
+    assert!(
+        store.outbox_arm().await,
+        "nothing in flight: the signal arms"
+    );
     write_outbox(store, &ch, 0, 1).await;
     tokio::time::timeout(Duration::from_secs(1), changes.changed())
         .await
@@ -365,6 +493,7 @@ async fn listen_notify_wakes_the_relay_long_before_its_poll() {
     .await;
     wait_until(T, "listener reconnected", || listening(&e)).await;
     changes.borrow_and_update();
+    assert!(store.outbox_arm().await, "the reconnected listener arms");
     write_outbox(store, &ch, 0, 1).await;
     tokio::time::timeout(Duration::from_secs(1), changes.changed())
         .await

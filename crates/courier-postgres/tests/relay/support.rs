@@ -255,6 +255,12 @@ impl courier_core::OutboxSource for PgSource {
             PgSource::Tailing(s) => courier_core::OutboxSource::relay_release(s, holder).await,
         }
     }
+    async fn outbox_arm(&self) -> bool {
+        match self {
+            PgSource::Polling(s) => s.outbox_arm().await,
+            PgSource::Tailing(s) => s.outbox_arm().await,
+        }
+    }
     fn outbox_changes(&self) -> tokio::sync::watch::Receiver<u64> {
         match self {
             PgSource::Polling(s) => s.outbox_changes(),
@@ -310,7 +316,15 @@ impl OutboxFactory for PgFactory {
         messages: &'a [Message],
     ) -> BoxFuture<'a, Result<Option<Box<dyn OpenTransaction>>>> {
         Box::pin(async move {
-            let mut tx = self.store.begin().await?;
+            // A sqlx transaction of the pool: its outbox rows are inserted (and take their
+            // keys) now, not at the commit as on a `PgStoreTx`, so a transaction that
+            // commits late holds lower keys than rows committed before it.
+            let mut tx = self
+                .store
+                .pool()
+                .begin()
+                .await
+                .map_err(|e| Error::new(ErrorKind::Storage, e.to_string()))?;
             self.store.outbox().send_all(&mut tx, messages).await?;
             Ok(Some(Box::new(OpenPg(tx)) as Box<dyn OpenTransaction>))
         })

@@ -258,6 +258,23 @@ pub async fn standby_takes_over<F: OutboxFactory>(f: &F) {
     b.stop().await;
 }
 
+/// Peek (up to 10 rows) until at least `n` are there, or the deadline passes: a streaming
+/// source may hand out a transaction's first rows before the rest have arrived (all of
+/// them committed).
+async fn peek_at_least<S: OutboxSource>(src: &S, n: usize) -> Vec<courier_core::OutboxRow> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let peeked = src
+            .outbox_peek(10, 1 << 20)
+            .await
+            .unwrap_or_else(|e| panic!("peek: {e}"));
+        if peeked.len() >= n || Instant::now() > deadline {
+            return peeked;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// A relay whose lease was taken over can neither delete nor move the outbox on: the new
 /// holder still reads every row. A live lease is not stolen; renewing keeps the
 /// generation; the byte bound still returns one row.
@@ -276,10 +293,7 @@ pub async fn fenced_relay_cannot_confirm<F: OutboxFactory>(f: &F) {
         Some(g1),
         "renewing keeps it"
     );
-    let peeked = old_src
-        .outbox_peek(10, 1 << 20)
-        .await
-        .unwrap_or_else(|e| panic!("peek: {e}"));
+    let peeked = peek_at_least(&old_src, 3).await;
     let seqs: Vec<i64> = peeked.iter().map(|r| r.seq).collect();
     assert_eq!(seqs.len(), 3);
     assert_eq!(
@@ -325,10 +339,7 @@ pub async fn fenced_relay_cannot_confirm<F: OutboxFactory>(f: &F) {
         "a live lease is not stolen"
     );
 
-    let seen = new_src
-        .outbox_peek(10, 1 << 20)
-        .await
-        .unwrap_or_else(|e| panic!("peek: {e}"));
+    let seen = peek_at_least(&new_src, 3).await;
     assert_eq!(
         seen.iter().map(|r| r.seq).collect::<Vec<_>>(),
         seqs,
@@ -343,10 +354,7 @@ pub async fn fenced_relay_cannot_confirm<F: OutboxFactory>(f: &F) {
         1,
         "the byte bound returns at least one row"
     );
-    let seen = new_src
-        .outbox_peek(10, 1 << 20)
-        .await
-        .unwrap_or_else(|e| panic!("peek: {e}"));
+    let seen = peek_at_least(&new_src, 3).await;
     assert_eq!(seen.len(), 3);
     assert!(
         new_src
