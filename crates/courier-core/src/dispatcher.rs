@@ -795,14 +795,11 @@ impl<S: MessageStore> Dispatcher<S> {
         // A lost connection fails every ack of the batch: one line says it, not one each.
         let mut failed_acks = 0usize;
         let mut first_ack_error = None;
+        // Acks go out together (issued in order), not one round trip after the other.
+        let mut acks = Vec::new();
         for (mut p, d) in batch.into_iter().zip(dispositions) {
             match d {
-                Disposition::Ack => {
-                    if let Err(e) = p.delivery.ack().await {
-                        failed_acks += 1;
-                        first_ack_error.get_or_insert(e);
-                    }
-                }
+                Disposition::Ack => acks.push(p.delivery.ack()),
                 Disposition::Failed(error) => {
                     p.failures += 1;
                     if p.first_failed_ms == 0 {
@@ -832,6 +829,12 @@ impl<S: MessageStore> Dispatcher<S> {
                     }
                     returned.entry(key).or_default().push(p);
                 }
+            }
+        }
+        for r in futures::future::join_all(acks).await {
+            if let Err(e) = r {
+                failed_acks += 1;
+                first_ack_error.get_or_insert(e);
             }
         }
         if let Some(e) = first_ack_error {

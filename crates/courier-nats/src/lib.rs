@@ -56,6 +56,7 @@ pub use admin::{NatsTail, TailFrom};
 pub use config::NatsConfig;
 pub use reference::raw_publish_rate;
 
+use async_nats::Subject;
 use async_nats::jetstream::{self, stream::StorageType};
 use courier_core::partition::partition_for;
 use courier_core::transport::BoxFuture;
@@ -454,30 +455,45 @@ impl NatsTransport {
     async fn publish_batch(&self, messages: &[Message]) -> Result<Receipt> {
         let started = std::time::Instant::now();
         let mut routed = Vec::with_capacity(messages.len());
+        // A batch mostly goes to few channels: look each up (and name its subjects) once.
+        let mut subjects: HashMap<(ChannelName, u32), Subject> = HashMap::new();
+        let mut counts: HashMap<ChannelName, u32> = HashMap::new();
         for m in messages {
             m.check_size(self.inner.max_message_bytes)?;
             let channel = m.channel()?;
-            let n = self.partitions(&channel).await?;
+            let n = match counts.get(&channel) {
+                Some(n) => *n,
+                None => {
+                    let n = self.partitions(&channel).await?;
+                    counts.insert(channel.clone(), n);
+                    n
+                }
+            };
             let partition = match m.headers.partition_key() {
                 Some(k) => partition_for(k, n),
                 None => partition_for(&m.id.to_string(), n),
             };
-            routed.push((channel, partition, codec::encode(m)?, m));
+            let subject = subjects
+                .entry((channel.clone(), partition))
+                .or_insert_with(|| Subject::from(names::subject(&channel, partition)))
+                .clone();
+            routed.push((channel, partition, subject, codec::encode(m)?, m));
         }
         // Send a window, then wait for its acks: one connection keeps publish order, and
         // a bounded window keeps within the context's in-flight ack limit.
         let mut positions = Vec::with_capacity(routed.len());
-        for window in routed.chunks(PUBLISH_WINDOW) {
-            let mut pending = Vec::with_capacity(window.len());
-            for (channel, partition, headers, m) in window {
+        let mut routed = routed.into_iter().peekable();
+        while routed.peek().is_some() {
+            let mut pending = Vec::with_capacity(PUBLISH_WINDOW);
+            for (channel, partition, subject, headers, m) in routed.by_ref().take(PUBLISH_WINDOW) {
                 let ack = self
                     .inner
                     .js
                     .send_publish(
-                        names::subject(channel, *partition),
+                        subject,
                         jetstream::message::PublishMessage::build()
                             .payload(m.payload.clone())
-                            .headers(headers.clone()),
+                            .headers(headers),
                     )
                     .await
                     .map_err(|e| {
@@ -486,7 +502,7 @@ impl NatsTransport {
                             e,
                         )
                     })?;
-                pending.push((channel, *partition, m.id, ack));
+                pending.push((channel, partition, m.id, ack));
             }
             for (channel, partition, id, ack) in pending {
                 let ack = ack.await.map_err(|e| {
