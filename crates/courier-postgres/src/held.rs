@@ -60,6 +60,17 @@ impl Held {
     }
 }
 
+impl Drop for Held {
+    /// The store is gone: close the parked connections properly (a `Terminate` message,
+    /// not a reset socket that the server would log).
+    fn drop(&mut self) {
+        let parked = self.idle.get_mut().map(std::mem::take).unwrap_or_default();
+        for c in parked {
+            close_in_background(c);
+        }
+    }
+}
+
 /// One held connection; parked again when dropped (unless [`discard`](Self::discard)ed).
 pub(crate) struct HeldConn {
     conn: Option<PgConnection>,
