@@ -54,7 +54,7 @@ mod reference;
 
 pub use admin::{NatsTail, TailFrom};
 pub use config::NatsConfig;
-pub use reference::raw_publish_rate;
+pub use reference::{raw_publish_rate, raw_publish_rate_with_headers};
 
 use async_nats::Subject;
 use async_nats::jetstream::{self, stream::StorageType};

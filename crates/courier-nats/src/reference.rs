@@ -2,9 +2,10 @@
 //! made with async-nats directly, without Courier, so `courier bench` can print it next
 //! to Courier's own figure.
 
-use crate::error;
+use crate::{codec, error};
+use async_nats::HeaderMap;
 use async_nats::jetstream::{self, stream::StorageType};
-use courier_core::{Error, ErrorKind, Result};
+use courier_core::{Error, ErrorKind, Message, Result};
 use std::time::{Duration, Instant};
 
 /// Publishes kept in flight, as [`NatsTransport`](crate::NatsTransport) publishes a batch.
@@ -17,6 +18,39 @@ const WINDOW: usize = 256;
 pub async fn raw_publish_rate(
     url: &str,
     payload_bytes: usize,
+    duration: Duration,
+    max_messages: u64,
+) -> Result<f64> {
+    let payload = bytes::Bytes::from(vec![7u8; payload_bytes]);
+    raw_rate(url, payload, None, duration, max_messages).await
+}
+
+/// Like [`raw_publish_rate`], but each publish carries what Courier's message `sample`
+/// carries on NATS: its payload, its headers, and a `Nats-Msg-Id` of its own (so the
+/// server's duplicate window does its work). This is the reference that compares like
+/// with like for a relay: the same bytes and the same server-side work per message,
+/// without Courier.
+pub async fn raw_publish_rate_with_headers(
+    url: &str,
+    sample: &Message,
+    duration: Duration,
+    max_messages: u64,
+) -> Result<f64> {
+    let headers = codec::encode(sample)?;
+    raw_rate(
+        url,
+        sample.payload.clone(),
+        Some(headers),
+        duration,
+        max_messages,
+    )
+    .await
+}
+
+async fn raw_rate(
+    url: &str,
+    payload: bytes::Bytes,
+    headers: Option<HeaderMap>,
     duration: Duration,
     max_messages: u64,
 ) -> Result<f64> {
@@ -39,15 +73,20 @@ pub async fn raw_publish_rate(
     })
     .await
     .map_err(|e| error::map(format!("creating the scratch stream {name} on {shown}"), e))?;
-    let payload = bytes::Bytes::from(vec![7u8; payload_bytes]);
     let run = async {
         let window = async |n: usize| -> Result<()> {
             let mut acks = Vec::with_capacity(n);
             for _ in 0..n {
-                let ack = js
-                    .publish(subject.clone(), payload.clone())
-                    .await
-                    .map_err(|e| error::map("raw publish", e))?;
+                let ack = match &headers {
+                    None => js.publish(subject.clone(), payload.clone()).await,
+                    Some(h) => {
+                        let mut h = h.clone();
+                        h.insert(codec::MSG_ID, uuid::Uuid::now_v7().to_string());
+                        js.publish_with_headers(subject.clone(), h, payload.clone())
+                            .await
+                    }
+                }
+                .map_err(|e| error::map("raw publish", e))?;
                 acks.push(ack);
             }
             for ack in acks {

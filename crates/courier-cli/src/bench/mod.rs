@@ -98,7 +98,9 @@ through a pool (raw_commit_rate_pool_per_s); see BENCHMARKS.md.
   raw_publish_rate_per_s  confirmed publishes of the broker's own client (NATS: JetStream \
 publishes with 256 acks in flight; RabbitMQ: persistent publishes to a stream with 256 \
 confirms in flight; PostgreSQL: single-row INSERT commits; embedded broker: \
-single-row commits on a file beside it).
+single-row commits on a file beside it). On NATS also \
+raw_publish_with_headers_rate_per_s: the same publishes carrying a bench message's \
+headers and a Nats-Msg-Id each, what the relay sends.
 Then the relay alone (relay_only_msgs_per_s): --relay-messages outbox rows committed \
 first, published by a fresh relay, timed until the last one is confirmed.
 `lost` and `duplicates_applied` are counted from the consumer's database; the exit code \
@@ -239,6 +241,12 @@ struct Report {
     relay_only_msgs_per_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     relay_only_vs_raw_publish: Option<f64>,
+    /// NATS: the raw publish rate of messages with Courier's headers and a
+    /// `Nats-Msg-Id` each (the like-with-like reference of the relay).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    raw_publish_with_headers_rate_per_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    relay_only_vs_raw_publish_with_headers: Option<f64>,
     db: String,
     broker: String,
     relay: &'static str,
@@ -380,6 +388,29 @@ impl Setup {
                 })
             }
         }
+    }
+
+    /// NATS only: the raw publish rate of messages like the bench's, with Courier's
+    /// headers and a `Nats-Msg-Id` each.
+    async fn raw_broker_with_headers(&self, args: &BenchArgs) -> Result<Option<f64>> {
+        if scheme(&self.broker_url) != "nats" {
+            return Ok(None);
+        }
+        let ping = Ping {
+            n: 0,
+            ts_us: now_us(),
+            pad: "x".repeat(args.payload_bytes.saturating_sub(40)),
+        };
+        let sample = Codec::encode_to(&ping, &self.channel)?.with_key("key-0")?;
+        courier::nats::raw_publish_rate_with_headers(
+            &self.broker_url,
+            &sample,
+            RAW_DURATION,
+            1 << 30,
+        )
+        .await
+        .context("measuring the raw JetStream publish rate with Courier's headers")
+        .map(Some)
     }
 
     /// The raw limit of the broker: confirmed publishes per second of its own client.
@@ -623,6 +654,7 @@ async fn run_on<S: BenchStore, R: OutboxSource>(
         .await?;
     let raw = raw_db.transaction;
     let raw_publish = setup.raw_broker(args.payload_bytes).await?;
+    let raw_publish_headers = setup.raw_broker_with_headers(args).await?;
 
     // 2. The broker with the channel.
     let broker = setup.broker().await?;
@@ -655,7 +687,9 @@ async fn run_on<S: BenchStore, R: OutboxSource>(
         let rate = relay_only(store, source, &broker, setup, args).await?;
         report.relay_only_msgs_per_s = Some(rate);
         report.relay_only_vs_raw_publish = Some(rate / report.raw_publish_rate_per_s);
+        report.relay_only_vs_raw_publish_with_headers = raw_publish_headers.map(|r| rate / r);
     }
+    report.raw_publish_with_headers_rate_per_s = raw_publish_headers;
     report.raw_commit_rate_pool_per_s = raw_db.pool;
     report.raw_autocommit_rate_per_s = Some(raw_db.autocommit);
     report.throughput_vs_raw_autocommit =
@@ -849,6 +883,8 @@ async fn run_with_channel<S: BenchStore, R: OutboxSource>(
         producer_commit_rate_per_s,
         relay_only_msgs_per_s: None,
         relay_only_vs_raw_publish: None,
+        raw_publish_with_headers_rate_per_s: None,
+        relay_only_vs_raw_publish_with_headers: None,
         db: setup.db.describe(),
         broker: broker.describe(),
         relay: args.relay.name(),
@@ -983,9 +1019,19 @@ fn print_human(r: &Report) {
         "  raw broker publish{:>10.0} /s     (same run, the broker's own client, confirmed)",
         r.raw_publish_rate_per_s
     );
+    if let Some(raw) = r.raw_publish_with_headers_rate_per_s {
+        println!(
+            "                    {raw:>10.0} /s     (the same with Courier's headers and a Nats-Msg-Id each)"
+        );
+    }
     if let (Some(rate), Some(ratio)) = (r.relay_only_msgs_per_s, r.relay_only_vs_raw_publish) {
         println!(
             "  relay alone       {rate:>10.0} msg/s  (outbox -> broker; ratio to raw publish {ratio:.2})"
+        );
+    }
+    if let Some(ratio) = r.relay_only_vs_raw_publish_with_headers {
+        println!(
+            "                                  (ratio to raw publish with headers {ratio:.2})"
         );
     }
     println!(

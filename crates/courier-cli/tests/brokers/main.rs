@@ -118,6 +118,21 @@ fn bench_on_postgres_with_nats() {
     let report = bench(&["--db", &pg, "--broker", &nats]);
     assert!(report["db"].as_str().unwrap().starts_with("postgres://"));
     assert!(report["broker"].as_str().unwrap().starts_with("nats://"));
+    // On NATS, the like-with-like reference of the relay: publishes with the headers.
+    assert!(
+        report["raw_publish_with_headers_rate_per_s"]
+            .as_f64()
+            .unwrap()
+            > 0.0,
+        "{report}"
+    );
+    assert!(
+        report["relay_only_vs_raw_publish_with_headers"]
+            .as_f64()
+            .unwrap()
+            > 0.0,
+        "{report}"
+    );
 }
 
 #[test]
