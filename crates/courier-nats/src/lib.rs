@@ -479,45 +479,38 @@ impl NatsTransport {
                 .clone();
             routed.push((channel, partition, subject, codec::encode(m)?, m));
         }
-        // Send a window, then wait for its acks: one connection keeps publish order, and
-        // a bounded window keeps within the context's in-flight ack limit.
+        // A sliding window: up to PUBLISH_WINDOW publishes in flight, the oldest awaited
+        // when it is full, so the server never waits for the relay to collect a whole
+        // window. One connection keeps publish order; the bound keeps within the
+        // context's in-flight ack limit.
         let mut positions = Vec::with_capacity(routed.len());
-        let mut routed = routed.into_iter().peekable();
-        while routed.peek().is_some() {
-            let mut pending = Vec::with_capacity(PUBLISH_WINDOW);
-            for (channel, partition, subject, headers, m) in routed.by_ref().take(PUBLISH_WINDOW) {
-                let ack = self
-                    .inner
-                    .js
-                    .send_publish(
-                        subject,
-                        jetstream::message::PublishMessage::build()
-                            .payload(m.payload.clone())
-                            .headers(headers),
-                    )
-                    .await
-                    .map_err(|e| {
-                        error::map(
-                            format!("publishing message {} to channel {channel}", m.id),
-                            e,
-                        )
-                    })?;
-                pending.push((channel, partition, m.id, ack));
+        let mut pending = std::collections::VecDeque::with_capacity(PUBLISH_WINDOW);
+        for (channel, partition, subject, headers, m) in routed {
+            if pending.len() == PUBLISH_WINDOW
+                && let Some(oldest) = pending.pop_front()
+            {
+                positions.push(Some(confirmed(oldest).await?));
             }
-            for (channel, partition, id, ack) in pending {
-                let ack = ack.await.map_err(|e| {
+            let ack = self
+                .inner
+                .js
+                .send_publish(
+                    subject,
+                    jetstream::message::PublishMessage::build()
+                        .payload(m.payload.clone())
+                        .headers(headers),
+                )
+                .await
+                .map_err(|e| {
                     error::map(
-                        format!(
-                            "waiting for JetStream to confirm message {id} on channel {channel}"
-                        ),
+                        format!("publishing message {} to channel {channel}", m.id),
                         e,
                     )
                 })?;
-                positions.push(Some(Position {
-                    partition,
-                    offset: ack.sequence,
-                }));
-            }
+            pending.push_back((channel, partition, m.id, ack));
+        }
+        for p in pending {
+            positions.push(Some(confirmed(p).await?));
         }
         tracing::debug!(messages = messages.len(), elapsed = ?started.elapsed(), "published");
         Ok(Receipt {
@@ -525,6 +518,27 @@ impl NatsTransport {
             positions,
         })
     }
+}
+
+/// Wait for JetStream to confirm one publish: its position.
+async fn confirmed(
+    (channel, partition, id, ack): (
+        ChannelName,
+        u32,
+        courier_core::MessageId,
+        jetstream::context::PublishAckFuture,
+    ),
+) -> Result<Position> {
+    let ack = ack.await.map_err(|e| {
+        error::map(
+            format!("waiting for JetStream to confirm message {id} on channel {channel}"),
+            e,
+        )
+    })?;
+    Ok(Position {
+        partition,
+        offset: ack.sequence,
+    })
 }
 
 /// True when a JetStream API error says "stream not found".

@@ -8,7 +8,8 @@ use async_nats::jetstream::{self, stream::StorageType};
 use courier_core::{Error, ErrorKind, Message, Result};
 use std::time::{Duration, Instant};
 
-/// Publishes kept in flight, as [`NatsTransport`](crate::NatsTransport) publishes a batch.
+/// Publishes kept in flight (a sliding window), as [`NatsTransport`](crate::NatsTransport)
+/// publishes a batch.
 const WINDOW: usize = 256;
 
 /// Publish `payload_bytes`-byte messages to a scratch stream (file storage, one subject)
@@ -73,35 +74,40 @@ async fn raw_rate(
     })
     .await
     .map_err(|e| error::map(format!("creating the scratch stream {name} on {shown}"), e))?;
+    let subject = async_nats::Subject::from(subject);
     let run = async {
-        let window = async |n: usize| -> Result<()> {
-            let mut acks = Vec::with_capacity(n);
-            for _ in 0..n {
-                let ack = match &headers {
-                    None => js.publish(subject.clone(), payload.clone()).await,
-                    Some(h) => {
-                        let mut h = h.clone();
-                        h.insert(codec::MSG_ID, uuid::Uuid::now_v7().to_string());
-                        js.publish_with_headers(subject.clone(), h, payload.clone())
-                            .await
-                    }
+        let publish = async || {
+            match &headers {
+                None => js.publish(subject.clone(), payload.clone()).await,
+                Some(h) => {
+                    let mut h = h.clone();
+                    h.insert(codec::MSG_ID, uuid::Uuid::now_v7().to_string());
+                    js.publish_with_headers(subject.clone(), h, payload.clone())
+                        .await
                 }
-                .map_err(|e| error::map("raw publish", e))?;
-                acks.push(ack);
             }
-            for ack in acks {
-                ack.await.map_err(|e| error::map("raw publish ack", e))?;
-            }
-            Ok(())
+            .map_err(|e| error::map("raw publish", e))
         };
-        window(WINDOW).await?;
+        // A sliding window of WINDOW publishes in flight, the oldest awaited when it is
+        // full (as the transport publishes); the first WINDOW confirmations warm up.
+        let mut in_flight = std::collections::VecDeque::with_capacity(WINDOW);
+        for _ in 0..WINDOW {
+            in_flight.push_back(publish().await?);
+        }
         let start = Instant::now();
         let mut n = 0u64;
         while n < max_messages && start.elapsed() < duration {
-            window(WINDOW).await?;
-            n += WINDOW as u64;
+            if let Some(oldest) = in_flight.pop_front() {
+                oldest.await.map_err(|e| error::map("raw publish ack", e))?;
+                n += 1;
+            }
+            in_flight.push_back(publish().await?);
         }
-        Ok::<_, Error>(n as f64 / start.elapsed().as_secs_f64().max(1e-9))
+        let rate = n as f64 / start.elapsed().as_secs_f64().max(1e-9);
+        for ack in in_flight {
+            ack.await.map_err(|e| error::map("raw publish ack", e))?;
+        }
+        Ok::<_, Error>(rate)
     };
     let rate = run.await;
     if let Err(e) = js.delete_stream(&name).await {
