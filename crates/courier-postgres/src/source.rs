@@ -6,8 +6,13 @@ use crate::outbox::CHANNEL;
 use courier_core::{OutboxRow, OutboxSource, Result};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
+
+/// How long [`PgStore::outbox_arm`] waits for the listener's answer (one round trip when
+/// it is connected; while it reconnects the relay goes on polling instead).
+const ARM_ANSWER: Duration = Duration::from_millis(250);
 
 impl PgStore {
     /// Read up to `limit` outbox rows (and at most about `max_bytes`, at least one row),
@@ -183,18 +188,20 @@ impl PgStore {
     pub async fn outbox_arm(&self) -> bool {
         self.ensure_listener();
         let arm = match self.inner.listener.lock() {
-            Ok(slot) => slot.as_ref().map(|h| h.arm.clone()),
+            Ok(slot) => slot
+                .as_ref()
+                .filter(|h| h.connected.load(Ordering::Acquire))
+                .map(|h| h.arm.clone()),
             Err(_) => None,
         };
         let Some(arm) = arm else { return false };
         let (tx, rx) = oneshot::channel();
-        if arm.send(tx).await.is_err() {
+        // Never wait for room: while the listener reconnects, requests are not read, and
+        // the relay must go on polling rather than stall here.
+        if arm.try_send(tx).is_err() {
             return false;
         }
-        matches!(
-            tokio::time::timeout(Duration::from_secs(1), rx).await,
-            Ok(Ok(true))
-        )
+        matches!(tokio::time::timeout(ARM_ANSWER, rx).await, Ok(Ok(true)))
     }
 
     /// Start the `LISTEN` task once (needs a tokio runtime; without one the relay polls).
@@ -210,9 +217,11 @@ impl PgStore {
         };
         let (stop_tx, stop_rx) = oneshot::channel();
         let (arm_tx, arm_rx) = mpsc::channel(4);
+        let connected = Arc::new(AtomicBool::new(false));
         *slot = Some(ListenerHandle {
             _stop: stop_tx,
             arm: arm_tx,
+            connected: connected.clone(),
         });
         let options = (*self.pool().connect_options()).clone();
         rt.spawn(listen(
@@ -220,7 +229,10 @@ impl PgStore {
             self.inner.schema.clone(),
             self.inner.changes.clone(),
             stop_rx,
-            arm_rx,
+            Arming {
+                requests: arm_rx,
+                connected,
+            },
             self.inner.describe.clone(),
         ));
     }
@@ -232,6 +244,14 @@ pub(crate) struct ListenerHandle {
     _stop: oneshot::Sender<()>,
     /// Asks the task to arm the signal; it answers whether it is armed.
     arm: mpsc::Sender<oneshot::Sender<bool>>,
+    /// Whether the task is listening (else arming fails at once: the relay polls).
+    connected: Arc<AtomicBool>,
+}
+
+/// The task's side of arming.
+struct Arming {
+    requests: mpsc::Receiver<oneshot::Sender<bool>>,
+    connected: Arc<AtomicBool>,
 }
 
 /// `LISTEN courier_outbox` on a connection of its own (not one of the store's pool) and
@@ -245,9 +265,13 @@ async fn listen(
     schema: String,
     changes: Arc<watch::Sender<u64>>,
     mut stop: oneshot::Receiver<()>,
-    mut arm: mpsc::Receiver<oneshot::Sender<bool>>,
+    arming: Arming,
     describe: String,
 ) {
+    let Arming {
+        requests: mut arm,
+        connected,
+    } = arming;
     let options = options.application_name(&listener_name(&schema));
     let pool = PgPoolOptions::new()
         .max_connections(1)
@@ -266,6 +290,7 @@ async fn listen(
             r = connect => match r {
                 Ok(mut listener) => {
                     failures = 0;
+                    connected.store(true, Ordering::Release);
                     bump();
                     let mut armed = false;
                     loop {
@@ -310,6 +335,7 @@ async fn listen(
                 Err(e) => e,
             },
         };
+        connected.store(false, Ordering::Release);
         failures += 1;
         let delay = Duration::from_millis(100u64.saturating_mul(1 << failures.min(6)).min(5_000));
         tracing::warn!(database = %describe, error = %error, ?delay,
