@@ -202,10 +202,23 @@ fn push_text(sql: &mut String, s: &str, field: &str) -> Result<()> {
 /// Writes messages into `courier_outbox` inside the caller's transaction; the
 /// [`Relay`](crate::Relay) publishes them after the commit, in order.
 ///
+/// On a [`PgStoreTx`](crate::PgStoreTx) (from [`PgStore::begin`](crate::PgStore::begin))
+/// the rows are written with the `COMMIT`, in its round trip:
+///
+/// ```no_run
+/// # async fn f(store: courier_postgres::PgStore, msg: courier_core::Message) -> Result<(), Box<dyn std::error::Error>> {
+/// let mut tx = store.begin().await?;
+/// // ... your business writes on &mut *tx ...
+/// store.outbox().send(&mut tx, msg).await?;
+/// tx.commit().await?;
+/// # Ok(()) }
+/// ```
+///
+/// A sqlx transaction of your own works too (the rows are written at once):
+///
 /// ```no_run
 /// # async fn f(store: courier_postgres::PgStore, msg: courier_core::Message) -> Result<(), Box<dyn std::error::Error>> {
 /// let mut tx = store.pool().begin().await?;
-/// // ... your business writes on &mut *tx ...
 /// store.outbox().send(&mut tx, msg).await?;
 /// tx.commit().await?;
 /// # Ok(()) }
