@@ -6,8 +6,8 @@
 //! come from the store's pool (so its connect options and `after_connect` hook apply),
 //! are detached from it, and are parked in a list of their own when free. A connection
 //! that failed is closed instead of parked; a parked one that died meanwhile (server
-//! restart) is noticed by its first statement, which is retried once on a fresh one when
-//! that is safe (see [`is_stale`]).
+//! restart) is noticed by its first statement, which is run once more on a fresh one when
+//! repeating it is harmless (see [`is_stale`]).
 
 use sqlx::postgres::{PgConnection, PgPool};
 use std::sync::{Arc, Mutex};
@@ -137,9 +137,10 @@ impl Drop for HeldConn {
     }
 }
 
-/// Whether `e` says the connection itself is gone (server restarted or connection
-/// terminated), not that the statement failed: the statement never ran, and a fresh
-/// connection may run it.
+/// Whether `e` says the connection itself is gone (server restarted, connection
+/// terminated), not that the statement was refused. Whether the statement ran is then
+/// unknown: callers run it again on a fresh connection only when repeating it is
+/// harmless (`BEGIN`, a read, a delete of given rows).
 pub(crate) fn is_stale(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::Tls(_) => true,
