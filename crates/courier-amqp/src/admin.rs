@@ -385,10 +385,20 @@ impl AmqpTransport {
         };
         let partitions = match known {
             Some(n) => n,
-            None => match partition_count(conn, channel).await? {
-                Some(n) => n,
-                None => return Ok(None),
-            },
+            None => {
+                // The probe's refused redeclaration makes RabbitMQ close that AMQP
+                // channel. It runs on a connection of its own: on the shared one, the
+                // closing channel's number could be handed to one of the reads below
+                // before RabbitMQ has finished closing it, and RabbitMQ then closes the
+                // whole connection ("expected 'channel.open'").
+                let probe = topology::connect(&self.inner.config, "probing a channel").await?;
+                let n = partition_count(&probe, channel).await;
+                let _ = probe.close(200, ShortString::from("bye")).await;
+                match n? {
+                    Some(n) => n,
+                    None => return Ok(None),
+                }
+            }
         };
         let partition_info: Vec<PartitionInfo> = futures::stream::iter(0..partitions)
             .map(|p| async move {
