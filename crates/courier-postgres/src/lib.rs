@@ -8,7 +8,8 @@
 //! - the outbox side of the [`Relay`] ([`courier_core::OutboxSource`]): committed rows
 //!   oldest first (never a high-water mark: sequence numbers are not commit order on
 //!   PostgreSQL), a lease on the database's clock with a generation checked by every
-//!   delete (fencing), and wake-ups by `LISTEN`/`NOTIFY` on channel `courier_outbox`.
+//!   delete (fencing), and wake-ups by `LISTEN`/`NOTIFY` on channel `courier_outbox`
+//!   (writers notify only while a relay waits: see [`PgStore::outbox_arm`]).
 //!
 //! Tables are created in the current schema (the first of the connection's
 //! `search_path`), so several services can share one database, a schema each.

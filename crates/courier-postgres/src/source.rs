@@ -126,10 +126,7 @@ impl PgStore {
         if crate::held::is_broken(&e) {
             conn.discard();
         }
-        Err(crate::error::map(
-            format!("{what} in {}", self.inner.describe),
-            e,
-        ))
+        Err(self.err(what)(e))
     }
 
     async fn holds_lease(&self, holder: &str, generation: i64) -> Result<bool> {

@@ -11,7 +11,9 @@
 //!   out buffered rows not yet confirmed; the first peek after the stream (re)started
 //!   waits until it has caught up with what was committed before.
 //! - **waking**: rows arriving on the stream wake the relay at once (the outbox's
-//!   wake-up signal); the outbox's `NOTIFY` and the relay's periodic peek remain.
+//!   wake-up signal), and the relay's periodic peek remains. Writers send no `NOTIFY`:
+//!   they notify only while a polling relay has armed the signal, and this source's
+//!   signal is always on.
 //! - **confirming**: after the broker confirmed a batch, a transaction checks the relay
 //!   lease (`FOR SHARE`: a take-over waits for it) and deletes the published rows by key
 //!   (so the table does not grow); then the stream reports the end of the last fully
