@@ -16,11 +16,38 @@ fn is_nats_header(name: &str) -> bool {
     name.starts_with("Nats-")
 }
 
+/// Courier's well-known header names: as NATS header names they need no allocation.
+const WELL_KNOWN: [&str; 15] = {
+    use courier_core::headers as h;
+    [
+        h::MESSAGE_KIND.as_str(),
+        h::TYPE.as_str(),
+        h::TYPE_VERSION.as_str(),
+        h::CONTENT_TYPE.as_str(),
+        h::DESTINATION.as_str(),
+        h::PARTITION_KEY.as_str(),
+        h::CORRELATION_ID.as_str(),
+        h::REPLY_TO.as_str(),
+        h::CAUSATION_ID.as_str(),
+        h::DEADLINE.as_str(),
+        h::TRACEPARENT.as_str(),
+        h::CREATED_AT.as_str(),
+        h::ATTEMPT.as_str(),
+        h::REPLY_OUTCOME.as_str(),
+        h::RESPONDER.as_str(),
+    ]
+};
+
 /// The NATS headers of `message`.
 pub(crate) fn encode(message: &Message) -> Result<HeaderMap, Error> {
     let mut map = HeaderMap::new();
     for (name, value) in message.headers.iter() {
-        let n = HeaderName::from_str(name).map_err(|e| {
+        let known = WELL_KNOWN.iter().find(|k| **k == name);
+        let n = match known {
+            Some(k) => Ok(HeaderName::from_static(k)),
+            None => HeaderName::from_str(name),
+        }
+        .map_err(|e| {
             Error::invalid(format!(
                 "message {}: header name {name:?} is not valid in NATS: {e}",
                 message.id
@@ -38,26 +65,17 @@ pub(crate) fn encode(message: &Message) -> Result<HeaderMap, Error> {
     Ok(map)
 }
 
-/// A stored NATS message as a Courier message, or what is wrong with it.
+/// A stored NATS message as a Courier message, or what is wrong with it. The headers
+/// go straight into the message's map; the raw form of all of them (for the dead letter)
+/// is written only when something is wrong.
 pub(crate) fn decode(headers: Option<&HeaderMap>, payload: Bytes) -> Result<Message, Malformed> {
-    let mut raw: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    if let Some(h) = headers {
-        for (name, values) in h.iter() {
-            raw.insert(
-                name.to_string(),
-                values.iter().map(|v| v.as_str().to_owned()).collect(),
-            );
-        }
-    }
-    let raw_headers = serde_json::to_string(&raw).unwrap_or_else(|_| "{}".to_owned());
-    let raw_id = raw
-        .get(MSG_ID)
-        .and_then(|v| v.first())
-        .cloned()
+    let raw_id = headers
+        .and_then(|h| h.get(MSG_ID))
+        .map(|v| v.as_str())
         .unwrap_or_default();
     let malformed = |reason: String| Malformed {
-        raw_id: raw_id.clone(),
-        raw_headers: raw_headers.clone(),
+        raw_id: raw_id.to_owned(),
+        raw_headers: raw_json(headers),
         payload: payload.clone(),
         reason,
     };
@@ -66,15 +84,16 @@ pub(crate) fn decode(headers: Option<&HeaderMap>, payload: Bytes) -> Result<Mess
             "no {MSG_ID} header: the message id is missing (not published by Courier?)"
         )));
     }
-    let id = MessageId::parse(&raw_id).map_err(|e| malformed(e.to_string()))?;
+    let id = MessageId::parse(raw_id).map_err(|e| malformed(e.to_string()))?;
     let mut map = BTreeMap::new();
-    for (name, values) in &raw {
+    for (name, values) in headers.iter().flat_map(|h| h.iter()) {
+        let name: &str = name.as_ref();
         if is_nats_header(name) {
             continue;
         }
         match values.as_slice() {
             [one] => {
-                map.insert(name.clone(), one.clone());
+                map.insert(name.to_owned(), one.as_str().to_owned());
             }
             _ => {
                 return Err(malformed(format!(
@@ -90,6 +109,22 @@ pub(crate) fn decode(headers: Option<&HeaderMap>, payload: Bytes) -> Result<Mess
         headers,
         payload,
     })
+}
+
+/// Every NATS header as a JSON object of arrays of strings (sorted by name), as a dead
+/// letter keeps them.
+fn raw_json(headers: Option<&HeaderMap>) -> String {
+    let raw: BTreeMap<String, Vec<&str>> = headers
+        .iter()
+        .flat_map(|h| h.iter())
+        .map(|(name, values)| {
+            (
+                name.to_string(),
+                values.iter().map(|v| v.as_str()).collect(),
+            )
+        })
+        .collect();
+    serde_json::to_string(&raw).unwrap_or_else(|_| "{}".to_owned())
 }
 
 #[cfg(test)]
@@ -118,7 +153,36 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(MSG_ID, MessageId::new().to_string());
         h.insert("Bad-Name", "v");
-        let bad = decode(Some(&h), Bytes::new()).err();
-        assert!(bad.is_some_and(|b| b.reason.contains("Bad-Name")), "");
+        let id = h.get(MSG_ID).map(|v| v.to_string()).unwrap_or_default();
+        let bad = decode(Some(&h), Bytes::from_static(b"p")).err();
+        let Some(bad) = bad else {
+            panic!("a header name Courier does not allow must be malformed")
+        };
+        assert!(bad.reason.contains("Bad-Name"), "{}", bad.reason);
+        // The dead letter keeps every header as it came, sorted, and the payload.
+        assert_eq!(
+            bad.raw_headers,
+            format!(r#"{{"Bad-Name":["v"],"Nats-Msg-Id":["{id}"]}}"#)
+        );
+        assert_eq!(bad.raw_id, id);
+        assert_eq!(&bad.payload[..], b"p");
+    }
+
+    #[test]
+    fn well_known_names_and_nats_headers() {
+        let m = Message::new("hi")
+            .with_key("k")
+            .and_then(|m| m.with_header("x-custom", "1"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut h = encode(&m).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            h.get("partition-key").map(|v| v.as_str()),
+            Some("k"),
+            "a well-known name encodes as itself"
+        );
+        // NATS' own headers (other than the id) are not Courier headers.
+        h.insert("Nats-Expected-Stream", "S");
+        let back = decode(Some(&h), m.payload.clone()).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(back, m);
     }
 }

@@ -454,30 +454,45 @@ impl NatsTransport {
 
     async fn publish_batch(&self, messages: &[Message]) -> Result<Receipt> {
         let started = std::time::Instant::now();
+        // A batch mostly goes to few channels: each destination is parsed, looked up and
+        // its subjects named once per batch; a message then refers to its route by index.
+        let mut routes: Vec<Route> = Vec::new();
+        let mut by_destination: HashMap<&str, usize> = HashMap::new();
         let mut routed = Vec::with_capacity(messages.len());
-        // A batch mostly goes to few channels: look each up (and name its subjects) once.
-        let mut subjects: HashMap<(ChannelName, u32), Subject> = HashMap::new();
-        let mut counts: HashMap<ChannelName, u32> = HashMap::new();
         for m in messages {
             m.check_size(self.inner.max_message_bytes)?;
-            let channel = m.channel()?;
-            let n = match counts.get(&channel) {
-                Some(n) => *n,
+            let r = match m.headers.get(courier_core::headers::DESTINATION) {
+                Some(d) => match by_destination.get(d) {
+                    Some(r) => *r,
+                    None => {
+                        let channel = m.channel()?;
+                        let partitions = self.partitions(&channel).await?;
+                        routes.push(Route {
+                            subjects: vec![None; partitions.max(1) as usize],
+                            channel,
+                            partitions,
+                        });
+                        by_destination.insert(d, routes.len() - 1);
+                        routes.len() - 1
+                    }
+                },
+                // No destination: the message's own error says what is missing.
                 None => {
-                    let n = self.partitions(&channel).await?;
-                    counts.insert(channel.clone(), n);
-                    n
+                    return Err(m.channel().err().unwrap_or_else(|| {
+                        Error::invalid(format!("message {} has no destination", m.id))
+                    }));
                 }
             };
+            let route = &mut routes[r];
             let partition = match m.headers.partition_key() {
-                Some(k) => partition_for(k, n),
-                None => partition_for(&m.id.to_string(), n),
+                Some(k) => partition_for(k, route.partitions),
+                None => partition_for(&m.id.to_string(), route.partitions),
             };
-            let subject = subjects
-                .entry((channel.clone(), partition))
-                .or_insert_with(|| Subject::from(names::subject(&channel, partition)))
+            let channel = &route.channel;
+            let subject = route.subjects[partition as usize]
+                .get_or_insert_with(|| Subject::from(names::subject(channel, partition)))
                 .clone();
-            routed.push((channel, partition, subject, codec::encode(m)?, m));
+            routed.push((r, partition, subject, codec::encode(m)?, m));
         }
         // A sliding window: up to PUBLISH_WINDOW publishes in flight, the oldest awaited
         // when it is full, so the server never waits for the relay to collect a whole
@@ -485,11 +500,11 @@ impl NatsTransport {
         // context's in-flight ack limit.
         let mut positions = Vec::with_capacity(routed.len());
         let mut pending = std::collections::VecDeque::with_capacity(PUBLISH_WINDOW);
-        for (channel, partition, subject, headers, m) in routed {
+        for (r, partition, subject, headers, m) in routed {
             if pending.len() == PUBLISH_WINDOW
                 && let Some(oldest) = pending.pop_front()
             {
-                positions.push(Some(confirmed(oldest).await?));
+                positions.push(Some(confirmed(&routes, oldest).await?));
             }
             let ack = self
                 .inner
@@ -503,14 +518,17 @@ impl NatsTransport {
                 .await
                 .map_err(|e| {
                     error::map(
-                        format!("publishing message {} to channel {channel}", m.id),
+                        format!(
+                            "publishing message {} to channel {}",
+                            m.id, routes[r].channel
+                        ),
                         e,
                     )
                 })?;
-            pending.push_back((channel, partition, m.id, ack));
+            pending.push_back((r, partition, m.id, ack));
         }
         for p in pending {
-            positions.push(Some(confirmed(p).await?));
+            positions.push(Some(confirmed(&routes, p).await?));
         }
         tracing::debug!(messages = messages.len(), elapsed = ?started.elapsed(), "published");
         Ok(Receipt {
@@ -520,10 +538,19 @@ impl NatsTransport {
     }
 }
 
+/// Where a batch's messages for one channel go: its partition count and, once named,
+/// the subject of each partition.
+struct Route {
+    channel: ChannelName,
+    partitions: u32,
+    subjects: Vec<Option<Subject>>,
+}
+
 /// Wait for JetStream to confirm one publish: its position.
 async fn confirmed(
-    (channel, partition, id, ack): (
-        ChannelName,
+    routes: &[Route],
+    (r, partition, id, ack): (
+        usize,
         u32,
         courier_core::MessageId,
         jetstream::context::PublishAckFuture,
@@ -531,7 +558,10 @@ async fn confirmed(
 ) -> Result<Position> {
     let ack = ack.await.map_err(|e| {
         error::map(
-            format!("waiting for JetStream to confirm message {id} on channel {channel}"),
+            format!(
+                "waiting for JetStream to confirm message {id} on channel {}",
+                routes[r].channel
+            ),
             e,
         )
     })?;

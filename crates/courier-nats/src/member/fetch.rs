@@ -238,13 +238,13 @@ struct NatsAcker {
 }
 
 impl NatsAcker {
-    fn what(&self, verb: &str) -> String {
-        let id = self
-            .message
+    /// What settling `m` was, for an error (written only when one happens).
+    fn what(&self, verb: &str, m: &jetstream::Message) -> String {
+        let id = m
+            .headers
             .as_ref()
-            .and_then(|m| m.headers.as_ref())
             .and_then(|h| h.get(codec::MSG_ID))
-            .map(|v| v.as_str().to_owned())
+            .map(|v| v.as_str())
             .unwrap_or_default();
         format!(
             "{verb} message {id} of channel {} (group {}, partition {})",
@@ -257,9 +257,11 @@ impl Acker for NatsAcker {
     fn ack(self: Box<Self>) -> BoxFuture<'static, Result<()>> {
         Box::pin(async move {
             let mut this = self;
-            let what = this.what("acknowledging");
             let result = match this.message.take() {
-                Some(m) => m.double_ack().await.map_err(|e| error::map_boxed(what, e)),
+                Some(m) => m
+                    .double_ack()
+                    .await
+                    .map_err(|e| error::map_boxed(this.what("acknowledging", &m), e)),
                 None => Ok(()),
             };
             drop(this);
@@ -270,12 +272,11 @@ impl Acker for NatsAcker {
     fn nack(self: Box<Self>, delay: Duration) -> BoxFuture<'static, Result<()>> {
         Box::pin(async move {
             let mut this = self;
-            let what = this.what("nacking");
             let result = match this.message.take() {
                 Some(m) => m
                     .ack_with(AckKind::Nak(Some(delay)))
                     .await
-                    .map_err(|e| error::map_boxed(what, e)),
+                    .map_err(|e| error::map_boxed(this.what("nacking", &m), e)),
                 None => Ok(()),
             };
             drop(this);
