@@ -284,19 +284,22 @@ async fn read_offsets(
     first_wait: Duration,
 ) -> Result<Option<u64>> {
     let ch = topology::open(conn, "reading a stream's offsets").await?;
+    // Outlives the channel's close (see `topology::close_consumed`).
+    let mut started = None;
     let r = async {
         ch.basic_qos(BOUNDS_PREFETCH, BasicQosOptions::default())
             .await
             .map_err(|e| error::map(format!("{stream}: setting the prefetch"), e))?;
-        let mut consumer = ch
-            .basic_consume(
+        let consumer = started.insert(
+            ch.basic_consume(
                 ShortString::from(stream),
                 ShortString::from(""),
                 BasicConsumeOptions::default(),
                 stream_offset_arg(AMQPValue::LongString(spec.into())),
             )
             .await
-            .map_err(|e| error::map(format!("consuming {stream}"), e))?;
+            .map_err(|e| error::map(format!("consuming {stream}"), e))?,
+        );
         let deadline = tokio::time::Instant::now() + BOUNDS_TIMEOUT;
         let mut highest = None;
         loop {
@@ -327,7 +330,7 @@ async fn read_offsets(
         Ok(highest)
     }
     .await;
-    topology::close(&ch).await;
+    topology::close_consumed(&ch, started).await;
     r
 }
 

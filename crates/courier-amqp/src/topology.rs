@@ -7,7 +7,7 @@ use crate::names;
 use courier_core::{ChannelName, Error, ErrorKind, ErrorStatus, Result};
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::{Channel, Connection, ConnectionProperties, Consumer};
 
 /// Open a connection named after `purpose`, within the configured timeout, with an
 /// error that names the (redacted) URL and what to check.
@@ -73,6 +73,17 @@ pub(crate) async fn close(channel: &Channel) {
     if channel.status().connected() {
         let _ = channel.close(200, ShortString::from("bye")).await;
     }
+}
+
+/// Close `channel`, then drop `consumer`, a consumer on it (if it was started). lapin
+/// cancels an active consumer in the background when it is dropped: dropped before the
+/// close, that `basic.cancel` can be sent after the `channel.close`, on a channel
+/// RabbitMQ has already closed, and RabbitMQ answers by closing the whole connection
+/// ("CHANNEL_ERROR - expected 'channel.open'"), failing everything else on it. Closing
+/// first marks the channel's consumers as cancelled, so dropping them sends nothing.
+pub(crate) async fn close_consumed(channel: &Channel, consumer: Option<Consumer>) {
+    close(channel).await;
+    drop(consumer);
 }
 
 fn stream_args(config: &AmqpConfig) -> FieldTable {

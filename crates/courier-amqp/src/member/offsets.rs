@@ -87,6 +87,8 @@ pub(crate) async fn start_at_end(
     timeout: Duration,
 ) -> Result<()> {
     let ch = topology::open(conn, "finding a stream's end").await?;
+    // Outlives the channel's close (see `topology::close_consumed`).
+    let mut started = None;
     let r = async {
         ch.basic_qos(64, BasicQosOptions::default())
             .await
@@ -99,15 +101,16 @@ pub(crate) async fn start_at_end(
             "x-stream-offset".into(),
             AMQPValue::LongString("next".into()),
         );
-        let mut consumer = ch
-            .basic_consume(
+        let consumer = started.insert(
+            ch.basic_consume(
                 ShortString::from(stream),
                 ShortString::from(""),
                 BasicConsumeOptions::default(),
                 args,
             )
             .await
-            .map_err(|e| error::map(format!("consuming {stream}"), e))?;
+            .map_err(|e| error::map(format!("consuming {stream}"), e))?,
+        );
         let marker = uuid::Uuid::now_v7().to_string();
         let confirm = ch
             .basic_publish(
@@ -151,6 +154,6 @@ pub(crate) async fn start_at_end(
         commit(&ch, offset_queue, offset).await
     }
     .await;
-    topology::close(&ch).await;
+    topology::close_consumed(&ch, started).await;
     r
 }

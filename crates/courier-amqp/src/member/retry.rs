@@ -146,6 +146,8 @@ async fn pump(
 ) -> Result<()> {
     let what = format!("the retry queue {}", queues.retry);
     let ch = topology::open(conn, "consuming retries").await?;
+    // Outlives the channel's close (see `topology::close_consumed`).
+    let mut started = None;
     let r = async {
         ch.basic_qos(prefetch, BasicQosOptions::default())
             .await
@@ -160,15 +162,16 @@ async fn pump(
         )
         .await
         .map_err(|e| error::map(format!("declaring {what}"), e))?;
-        let mut consumer = ch
-            .basic_consume(
+        let consumer = started.insert(
+            ch.basic_consume(
                 ShortString::from(queues.retry.as_str()),
                 ShortString::from(""),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
             .await
-            .map_err(|e| error::map(format!("consuming {what}"), e))?;
+            .map_err(|e| error::map(format!("consuming {what}"), e))?,
+        );
         let queues = Arc::new(queues);
         loop {
             let d = tokio::select! {
@@ -217,7 +220,7 @@ async fn pump(
         }
     }
     .await;
-    topology::close(&ch).await;
+    topology::close_consumed(&ch, started).await;
     r
 }
 
