@@ -156,10 +156,13 @@ pub fn validate_header_name(name: &str) -> Result<()> {
             "header name {name:?} must be 1 to {MAX_HEADER_NAME_LEN} bytes long"
         )));
     }
-    if let Some(bad) = name
-        .chars()
-        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.')))
-    {
+    let allowed =
+        |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.');
+    // Bytes first (every allowed character is one byte); the character only for the error.
+    if name.bytes().all(|b| allowed(char::from(b))) {
+        return Ok(());
+    }
+    if let Some(bad) = name.chars().find(|c| !allowed(*c)) {
         return Err(Error::invalid(format!(
             "header name {name:?} contains {bad:?}; expected lower-case letters, digits, '-', '_' or '.'"
         )));
@@ -175,7 +178,14 @@ pub fn validate_header_value(name: &str, value: &str) -> Result<()> {
             value.len()
         )));
     }
-    if value.chars().any(|c| c.is_control()) {
+    // ASCII (the usual case) checked by bytes; other text by character (`is_control` also
+    // covers U+0080..U+009F).
+    let control = if value.is_ascii() {
+        value.bytes().any(|b| b.is_ascii_control())
+    } else {
+        value.chars().any(char::is_control)
+    };
+    if control {
         return Err(Error::invalid(format!(
             "header {name}: value contains a control character"
         )));
@@ -376,6 +386,35 @@ impl Headers {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn names_and_values_are_checked_character_by_character() {
+        for ok in ["a", "x-tenant", "a.b_c-9"] {
+            assert!(validate_header_name(ok).is_ok(), "{ok}");
+        }
+        for (bad, shown) in [("Bad", "'B'"), ("é-x", "'é'"), ("a b", "' '")] {
+            let e = validate_header_name(bad).unwrap_err().to_string();
+            assert!(e.contains(shown), "{bad}: {e}");
+        }
+        for ok in ["plain", "ünïcödé: a/b, c", "tab-free \u{a0} text"] {
+            assert!(validate_header_value("n", ok).is_ok(), "{ok:?}");
+        }
+        // ASCII controls, DEL, and the C1 controls of non-ASCII text.
+        for bad in ["a\tb", "line\n", "del\u{7f}", "ünï\u{85}", "\u{9f}"] {
+            let e = validate_header_value("n", bad).unwrap_err().to_string();
+            assert!(e.contains("control character"), "{bad:?}: {e}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn value_check_matches_the_character_rule(v in "\\PC{0,12}|[\\x00-\\x{a0}]{0,6}") {
+            prop_assert_eq!(
+                validate_header_value("n", &v).is_ok(),
+                !v.chars().any(char::is_control)
+            );
+        }
+    }
 
     #[test]
     fn typed_accessors_parse_and_report_bad_values() {
