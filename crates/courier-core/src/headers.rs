@@ -67,6 +67,25 @@ pub const REPLY_OUTCOME: HeaderName = HeaderName::from_static("reply-outcome");
 /// On a reply: who answered (the responding service's consumer group).
 pub const RESPONDER: HeaderName = HeaderName::from_static("responder");
 
+/// Every header name above: the names Courier itself sets and reads.
+pub const WELL_KNOWN: [HeaderName; 15] = [
+    MESSAGE_KIND,
+    TYPE,
+    TYPE_VERSION,
+    CONTENT_TYPE,
+    DESTINATION,
+    PARTITION_KEY,
+    CORRELATION_ID,
+    REPLY_TO,
+    CAUSATION_ID,
+    DEADLINE,
+    TRACEPARENT,
+    CREATED_AT,
+    ATTEMPT,
+    REPLY_OUTCOME,
+    RESPONDER,
+];
+
 /// What role a message plays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -386,6 +405,16 @@ impl Headers {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn well_known_names_are_valid_and_distinct() {
+        let names: std::collections::BTreeSet<&str> =
+            WELL_KNOWN.iter().map(HeaderName::as_str).collect();
+        assert_eq!(names.len(), WELL_KNOWN.len());
+        for n in names {
+            assert!(validate_header_name(n).is_ok(), "{n}");
+        }
+    }
 
     #[test]
     fn names_and_values_are_checked_character_by_character() {

@@ -16,35 +16,16 @@ fn is_nats_header(name: &str) -> bool {
     name.starts_with("Nats-")
 }
 
-/// Courier's well-known header names: as NATS header names they need no allocation.
-const WELL_KNOWN: [&str; 15] = {
-    use courier_core::headers as h;
-    [
-        h::MESSAGE_KIND.as_str(),
-        h::TYPE.as_str(),
-        h::TYPE_VERSION.as_str(),
-        h::CONTENT_TYPE.as_str(),
-        h::DESTINATION.as_str(),
-        h::PARTITION_KEY.as_str(),
-        h::CORRELATION_ID.as_str(),
-        h::REPLY_TO.as_str(),
-        h::CAUSATION_ID.as_str(),
-        h::DEADLINE.as_str(),
-        h::TRACEPARENT.as_str(),
-        h::CREATED_AT.as_str(),
-        h::ATTEMPT.as_str(),
-        h::REPLY_OUTCOME.as_str(),
-        h::RESPONDER.as_str(),
-    ]
-};
-
 /// The NATS headers of `message`.
 pub(crate) fn encode(message: &Message) -> Result<HeaderMap, Error> {
     let mut map = HeaderMap::new();
     for (name, value) in message.headers.iter() {
-        let known = WELL_KNOWN.iter().find(|k| **k == name);
+        // Courier's own names are static: as NATS header names they need no allocation.
+        let known = courier_core::headers::WELL_KNOWN
+            .iter()
+            .find(|k| k.as_str() == name);
         let n = match known {
-            Some(k) => Ok(HeaderName::from_static(k)),
+            Some(k) => Ok(HeaderName::from_static(k.as_str())),
             None => HeaderName::from_str(name),
         }
         .map_err(|e| {

@@ -461,26 +461,22 @@ impl NatsTransport {
         let mut routed = Vec::with_capacity(messages.len());
         for m in messages {
             m.check_size(self.inner.max_message_bytes)?;
-            let r = match m.headers.get(courier_core::headers::DESTINATION) {
-                Some(d) => match by_destination.get(d) {
-                    Some(r) => *r,
-                    None => {
-                        let channel = m.channel()?;
-                        let partitions = self.partitions(&channel).await?;
-                        routes.push(Route {
-                            subjects: vec![None; partitions.max(1) as usize],
-                            channel,
-                            partitions,
-                        });
-                        by_destination.insert(d, routes.len() - 1);
-                        routes.len() - 1
-                    }
-                },
-                // No destination: the message's own error says what is missing.
+            let destination = m.headers.get(courier_core::headers::DESTINATION);
+            let r = match destination.and_then(|d| by_destination.get(d)) {
+                Some(r) => *r,
                 None => {
-                    return Err(m.channel().err().unwrap_or_else(|| {
-                        Error::invalid(format!("message {} has no destination", m.id))
-                    }));
+                    // A new destination, or none (`channel` then says what is missing).
+                    let channel = m.channel()?;
+                    let partitions = self.partitions(&channel).await?;
+                    routes.push(Route {
+                        subjects: vec![None; partitions.max(1) as usize],
+                        channel,
+                        partitions,
+                    });
+                    if let Some(d) = destination {
+                        by_destination.insert(d, routes.len() - 1);
+                    }
+                    routes.len() - 1
                 }
             };
             let route = &mut routes[r];
