@@ -70,37 +70,52 @@ impl PgStore {
     /// Delete published outbox rows `seqs`, if `holder` still holds the relay lease of
     /// generation `generation` (fencing). Returns `false` only when the lease was lost.
     pub async fn outbox_delete(&self, seqs: &[i64], holder: &str, generation: i64) -> Result<bool> {
+        Ok(self
+            .outbox_delete_rows(seqs, holder, generation)
+            .await?
+            .is_some())
+    }
+
+    /// Like [`outbox_delete`](Self::outbox_delete), saying which of `seqs` it deleted
+    /// (`None`: the lease was lost).
+    pub(crate) async fn outbox_delete_rows(
+        &self,
+        seqs: &[i64],
+        holder: &str,
+        generation: i64,
+    ) -> Result<Option<Vec<i64>>> {
         if seqs.is_empty() {
-            return Ok(true);
+            return Ok(Some(Vec::new()));
         }
         // One statement: the lease check and the delete are atomic. `FOR SHARE` makes a
         // concurrent take-over wait for this delete (or this delete see the take-over).
         let what = "deleting published outbox rows";
         let mut conn = self.held().await.map_err(self.err(what))?;
         let mut retried = false;
-        let deleted = loop {
-            let r = sqlx::query(
+        let deleted: Vec<i64> = loop {
+            let r = sqlx::query_scalar(
                 "DELETE FROM courier_outbox WHERE seq = ANY($1) AND EXISTS (
                    SELECT 1 FROM courier_relay_lease
-                   WHERE outbox = 'default' AND holder = $2 AND generation = $3 FOR SHARE)",
+                   WHERE outbox = 'default' AND holder = $2 AND generation = $3 FOR SHARE)
+                 RETURNING seq",
             )
             .bind(seqs)
             .bind(holder)
             .bind(generation)
-            .execute(&mut *conn)
+            .fetch_all(&mut *conn)
             .await;
             match r {
-                Ok(r) => break r.rows_affected(),
+                Ok(rows) => break rows,
                 // Deleting again is harmless: a retry after a lost connection is safe.
                 Err(e) => conn = self.after_error(conn, e, &mut retried, what).await?,
             }
         };
         drop(conn);
-        if deleted > 0 {
-            return Ok(true);
-        }
         // Nothing deleted: either the lease was lost, or the rows were already gone.
-        self.holds_lease(holder, generation).await
+        if deleted.is_empty() && !self.holds_lease(holder, generation).await? {
+            return Ok(None);
+        }
+        Ok(Some(deleted))
     }
 
     /// A held connection (no pool round trip) for one of the relay's statements.

@@ -14,6 +14,10 @@ use std::time::Duration;
 /// up with what was committed before it started.
 const CATCH_UP: Duration = Duration::from_secs(2);
 
+/// How long rows received from the log but not yet visible to a delete are tried again
+/// (doubling pauses from 1 ms; about a second in all).
+const NOT_YET_VISIBLE: Duration = Duration::from_millis(512);
+
 impl PgLogTailing {
     /// Up to `limit` committed rows (about `max_bytes`, at least one) in commit order,
     /// leaving out `exclude` and the rows already confirmed. Starts the stream if needed;
@@ -142,10 +146,33 @@ impl PgLogTailing {
         generation: i64,
     ) -> Result<bool> {
         let store = &self.inner.store;
-        // One statement: the lease check (`FOR SHARE`: a take-over waits) and the delete.
-        if !seqs.is_empty() && !store.outbox_delete(seqs, holder, generation).await? {
-            self.lease_lost(holder);
-            return Ok(false);
+        // A row arrives here at its transaction's commit record, which PostgreSQL sends
+        // to the slot once it is flushed: a moment before the transaction is visible to
+        // new snapshots (longer with synchronous replication, which waits in between).
+        // A delete in that moment does not see the row; were the slot then confirmed
+        // past it, the row would stay in the table for good. So rows a delete did not
+        // find are tried again for a while (a row that is really gone, e.g. deleted by
+        // an operator, only costs that wait).
+        let mut left = seqs.to_vec();
+        let mut pause = Duration::from_millis(1);
+        loop {
+            // One statement: the lease check (`FOR SHARE`: a take-over waits) and the
+            // delete.
+            let Some(deleted) = store.outbox_delete_rows(&left, holder, generation).await? else {
+                self.lease_lost(holder);
+                return Ok(false);
+            };
+            if deleted.len() == left.len() {
+                left.clear();
+            } else {
+                let deleted: HashSet<i64> = deleted.into_iter().collect();
+                left.retain(|s| !deleted.contains(s));
+            }
+            if left.is_empty() || pause > NOT_YET_VISIBLE {
+                break;
+            }
+            tokio::time::sleep(pause).await;
+            pause *= 2;
         }
         let backfilling = self.backfill().is_some();
         let shared = &self.inner.shared;
