@@ -74,6 +74,9 @@ pub struct RelayStats {
     pub unreadable: AtomicU64,
     /// Times this relay took the lease.
     pub leases_taken: AtomicU64,
+    /// Steps that failed (database or broker unreachable, rows not deletable yet) and
+    /// were tried again after a backoff; each is logged as a warning.
+    pub failed_steps: AtomicU64,
 }
 
 /// Publishes an [`OutboxSource`]'s committed rows through a [`Publisher`].
@@ -161,6 +164,7 @@ impl<S: OutboxSource, P: Publisher> Relay<S, P> {
                     }
                     Err(e) => {
                         failures += 1;
+                        self.stats.failed_steps.fetch_add(1, Ordering::Relaxed);
                         let delay = backoff(failures);
                         tracing::warn!(relay = %me, error = %e, ?delay, "relay step failed; retrying");
                         tokio::select! {

@@ -38,6 +38,8 @@ struct Row {
 struct Txn {
     /// Where its commit record starts (from Begin): the transaction's identity.
     final_lsn: u64,
+    /// Its transaction id (from Begin): whether it is visible yet is asked by it.
+    xid: u32,
     /// The end of its commit record, once its Commit arrived.
     end: Option<u64>,
     rows: VecDeque<Row>,
@@ -92,8 +94,8 @@ impl Buffer {
         self.flushed
     }
 
-    /// A transaction whose commit record starts at `final_lsn` begins.
-    pub(super) fn begin(&mut self, final_lsn: u64) {
+    /// Transaction `xid`, whose commit record starts at `final_lsn`, begins.
+    pub(super) fn begin(&mut self, final_lsn: u64, xid: u32) {
         self.skipping = false;
         self.replay_skip = 0;
         if final_lsn < self.received {
@@ -116,6 +118,7 @@ impl Buffer {
         }
         self.txns.push_back(Txn {
             final_lsn,
+            xid,
             end: None,
             rows: VecDeque::new(),
             received: 0,
@@ -213,6 +216,16 @@ impl Buffer {
         }
     }
 
+    /// The transaction ids of those of rows `seqs` that came from the stream (not rows
+    /// relayed from the table by the backfill), with their rows.
+    pub(super) fn xids(&self, seqs: &HashSet<i64>) -> Vec<(i64, u32)> {
+        self.txns
+            .iter()
+            .flat_map(|t| t.rows.iter().map(move |r| (r.seq, t.xid)))
+            .filter(|(seq, _)| seqs.contains(seq))
+            .collect()
+    }
+
     /// Rows `seqs` were published and deleted (or deleted by an operator): drop them.
     /// `Some(position)` when the slot may now be confirmed further.
     pub(super) fn confirm(&mut self, seqs: &[i64]) -> Option<u64> {
@@ -292,11 +305,11 @@ mod tests {
     /// Transaction at 100..110 with rows 1, 2; at 200..210 with row 3.
     fn two() -> Buffer {
         let mut b = Buffer::default();
-        b.begin(100);
+        b.begin(100, 701);
         assert_eq!(b.insert(1, row("a")), Ok(true));
         assert_eq!(b.insert(2, row("b")), Ok(true));
         assert_eq!(b.commit(110), None);
-        b.begin(200);
+        b.begin(200, 702);
         assert_eq!(b.insert(3, row("c")), Ok(true));
         assert_eq!(b.commit(210), None);
         b
@@ -314,13 +327,23 @@ mod tests {
     }
 
     #[test]
+    fn knows_the_transaction_of_each_streamed_row() {
+        let mut b = two();
+        let all: HashSet<i64> = [1, 2, 3, 4].into_iter().collect();
+        assert_eq!(b.xids(&all), vec![(1, 701), (2, 701), (3, 702)]);
+        b.confirm(&[1]);
+        let some: HashSet<i64> = [1, 3].into_iter().collect();
+        assert_eq!(b.xids(&some), vec![(3, 702)], "confirmed rows are gone");
+    }
+
+    #[test]
     fn an_idle_stream_confirms_the_servers_position() {
         let mut b = two();
         assert_eq!(b.keepalive(500), None, "rows are pending");
         assert_eq!(b.confirm(&[1, 2, 3]), Some(500));
         assert_eq!(b.keepalive(600), Some(600));
         assert_eq!(b.keepalive(600), None);
-        b.begin(700);
+        b.begin(700, 707);
         assert_eq!(b.keepalive(800), None, "inside a transaction");
     }
 
@@ -340,15 +363,15 @@ mod tests {
     fn a_resent_transaction_is_skipped_and_a_cut_one_resumes() {
         let mut b = two();
         // Third transaction cut after one of its two rows; that row is published.
-        b.begin(300);
+        b.begin(300, 703);
         b.insert(4, row("d")).unwrap();
         assert_eq!(b.confirm(&[1, 2, 4]), Some(110));
         // Reconnect: the server resends from 110.
         b.session_started();
-        b.begin(200);
+        b.begin(200, 702);
         assert_eq!(b.insert(3, row("c")), Ok(false));
         assert_eq!(b.commit(210), None);
-        b.begin(300);
+        b.begin(300, 703);
         assert_eq!(b.insert(4, row("d")), Ok(false), "already received");
         assert_eq!(b.insert(5, row("e")), Ok(true));
         b.commit(310);
@@ -365,7 +388,7 @@ mod tests {
     #[test]
     fn the_buffer_is_bounded() {
         let mut b = Buffer::default();
-        b.begin(1);
+        b.begin(1, 700);
         for i in 0..MAX_ROWS as i64 {
             assert!(b.has_room());
             b.insert(i, row("x")).unwrap();
@@ -374,7 +397,7 @@ mod tests {
         b.confirm(&[0]);
         assert!(b.has_room());
         let mut big = Buffer::default();
-        big.begin(1);
+        big.begin(1, 700);
         big.insert(1, || (MAX_BYTES + 1, Ok(Message::new("big"))))
             .unwrap();
         assert!(!big.has_room());
@@ -384,7 +407,7 @@ mod tests {
     fn backfilled_rows_are_not_streamed_again() {
         let mut b = Buffer::default();
         b.backfilled(&[1]);
-        b.begin(100);
+        b.begin(100, 701);
         assert_eq!(b.insert(1, row("a")), Ok(false));
         assert_eq!(b.insert(2, row("b")), Ok(true));
         b.commit(110);

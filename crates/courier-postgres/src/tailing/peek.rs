@@ -6,7 +6,7 @@ use super::slot::db_code;
 use super::stream;
 use crate::PgStore;
 use crate::error::map;
-use courier_core::{Message, OutboxRow, Result};
+use courier_core::{Error, ErrorKind, Message, OutboxRow, Result};
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -14,9 +14,10 @@ use std::time::Duration;
 /// up with what was committed before it started.
 const CATCH_UP: Duration = Duration::from_secs(2);
 
-/// How long rows received from the log but not yet visible to a delete are tried again
-/// (doubling pauses from 1 ms; about a second in all).
-const NOT_YET_VISIBLE: Duration = Duration::from_millis(512);
+/// How long a confirm waits for the transactions of rows received from the log that are
+/// not yet visible (doubling pauses from 1 ms up to 100 ms), before it leaves them to the
+/// relay's next attempt.
+const NOT_YET_VISIBLE: Duration = Duration::from_secs(1);
 
 impl PgLogTailing {
     /// Up to `limit` committed rows (about `max_bytes`, at least one) in commit order,
@@ -139,6 +140,17 @@ impl PgLogTailing {
     /// stream confirm the slot past every whole transaction now published. A crash in
     /// between leaves the rows deleted and the slot behind: they are republished
     /// (duplicates), never skipped.
+    ///
+    /// A row arrives here at its transaction's commit record, which PostgreSQL sends to
+    /// the slot once it is flushed: a moment before the transaction is visible to new
+    /// snapshots (longer with synchronous replication, which waits in between). A delete
+    /// in that moment does not see the row; were the slot then confirmed past it, the row
+    /// would stay in the table for good. So a row the delete did not find is looked at
+    /// by its transaction: still in progress, it is waited for (up to [`NOT_YET_VISIBLE`])
+    /// and deleted once visible; visible, it is gone (an operator deleted it). Rows still
+    /// not visible after the wait make this an error: they stay unconfirmed, so the relay
+    /// publishes them again after its backoff (duplicates with the same id) and tries
+    /// again, renewing its lease in between.
     pub(super) async fn confirm(
         &self,
         seqs: &[i64],
@@ -146,34 +158,83 @@ impl PgLogTailing {
         generation: i64,
     ) -> Result<bool> {
         let store = &self.inner.store;
-        // A row arrives here at its transaction's commit record, which PostgreSQL sends
-        // to the slot once it is flushed: a moment before the transaction is visible to
-        // new snapshots (longer with synchronous replication, which waits in between).
-        // A delete in that moment does not see the row; were the slot then confirmed
-        // past it, the row would stay in the table for good. So rows a delete did not
-        // find are tried again for a while (a row that is really gone, e.g. deleted by
-        // an operator, only costs that wait).
-        let mut left = seqs.to_vec();
+        // One statement: the lease check (`FOR SHARE`: a take-over waits) and the delete.
+        let Some(deleted) = store.outbox_delete_rows(seqs, holder, generation).await? else {
+            self.lease_lost(holder);
+            return Ok(false);
+        };
+        let mut missing: HashSet<i64> = HashSet::new();
+        if deleted.len() < seqs.len() {
+            let deleted: HashSet<i64> = deleted.into_iter().collect();
+            missing.extend(seqs.iter().filter(|s| !deleted.contains(s)));
+        }
+        let started = tokio::time::Instant::now();
         let mut pause = Duration::from_millis(1);
-        loop {
-            // One statement: the lease check (`FOR SHARE`: a take-over waits) and the
-            // delete.
-            let Some(deleted) = store.outbox_delete_rows(&left, holder, generation).await? else {
-                self.lease_lost(holder);
-                return Ok(false);
-            };
-            if deleted.len() == left.len() {
-                left.clear();
-            } else {
-                let deleted: HashSet<i64> = deleted.into_iter().collect();
-                left.retain(|s| !deleted.contains(s));
+        while !missing.is_empty() {
+            // Rows the backfill read from the table have no transaction here: they were
+            // visible when read, so one the delete did not find is gone.
+            let xids = self.inner.shared.lock().buf.xids(&missing);
+            let running = in_progress(store, &xids).await?;
+            // First looked at, then deleted: a transaction visible to the first statement
+            // is visible to the second.
+            let visible: Vec<i64> = missing
+                .iter()
+                .copied()
+                .filter(|seq| {
+                    !xids
+                        .iter()
+                        .any(|(s, xid)| s == seq && running.contains(xid))
+                })
+                .collect();
+            if !visible.is_empty() {
+                if store
+                    .outbox_delete_rows(&visible, holder, generation)
+                    .await?
+                    .is_none()
+                {
+                    self.lease_lost(holder);
+                    return Ok(false);
+                }
+                for seq in &visible {
+                    missing.remove(seq);
+                }
             }
-            if left.is_empty() || pause > NOT_YET_VISIBLE {
+            if missing.is_empty() {
                 break;
             }
+            if started.elapsed() >= NOT_YET_VISIBLE {
+                let done: Vec<i64> = seqs
+                    .iter()
+                    .copied()
+                    .filter(|s| !missing.contains(s))
+                    .collect();
+                self.confirm_in_stream(&done);
+                let mut waiting: Vec<u32> = running.into_iter().collect();
+                waiting.sort_unstable();
+                return Err(Error::new(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "{} published outbox row(s) cannot be deleted yet: the log sent \
+                         their transaction(s) {waiting:?} as committed, but after {:?} they \
+                         are still not visible on {} (a commit waiting for a synchronous \
+                         standby, see synchronous_standby_names?); they are published again \
+                         (same ids) and deleted once visible",
+                        missing.len(),
+                        started.elapsed(),
+                        courier_core::OutboxSource::describe(store),
+                    ),
+                ));
+            }
             tokio::time::sleep(pause).await;
-            pause *= 2;
+            pause = (pause * 2).min(Duration::from_millis(100));
         }
+        self.confirm_in_stream(seqs);
+        Ok(true)
+    }
+
+    /// Rows `seqs` are published and gone from the table: the stream may confirm the slot
+    /// past them.
+    fn confirm_in_stream(&self, seqs: &[i64]) {
         let backfilling = self.backfill().is_some();
         let shared = &self.inner.shared;
         let flush = {
@@ -184,8 +245,32 @@ impl PgLogTailing {
             s.buf.confirm(seqs)
         };
         shared.confirmed(flush);
-        Ok(true)
     }
+}
+
+/// Which of the transactions of `rows` (row, xid) are still in progress on the server:
+/// committed in the log but not yet visible to new snapshots. An xid is 32 bits in the
+/// log and 64 in a snapshot; the low 32 bits of a running transaction are unique.
+async fn in_progress(store: &PgStore, rows: &[(i64, u32)]) -> Result<HashSet<u32>> {
+    if rows.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let mut xids: Vec<i64> = rows.iter().map(|(_, x)| i64::from(*x)).collect();
+    xids.sort_unstable();
+    xids.dedup();
+    let running: Vec<i64> = sqlx::query_scalar(
+        "SELECT DISTINCT x::text::int8 & 4294967295
+         FROM pg_snapshot_xip(pg_current_snapshot()) AS x
+         WHERE x::text::int8 & 4294967295 = ANY($1)",
+    )
+    .bind(&xids)
+    .fetch_all(store.pool())
+    .await
+    .map_err(store.err("asking which published rows' transactions are still in progress"))?;
+    Ok(running
+        .into_iter()
+        .filter_map(|x| u32::try_from(x).ok())
+        .collect())
 }
 
 /// End the session that holds `slot` (a relay that lost the lease and has not noticed

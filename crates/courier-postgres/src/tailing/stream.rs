@@ -359,7 +359,7 @@ async fn session(
         }
         let mut report = None;
         match event {
-            ReplicationEvent::Begin { final_lsn, .. } => s.buf.begin(final_lsn.as_u64()),
+            ReplicationEvent::Begin { final_lsn, xid, .. } => s.buf.begin(final_lsn.as_u64(), xid),
             ReplicationEvent::Commit { end_lsn, .. } => {
                 report = s.buf.commit(end_lsn.as_u64());
                 if unannounced > 0 {

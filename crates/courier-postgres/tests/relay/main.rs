@@ -287,3 +287,129 @@ async fn a_transaction_larger_than_the_buffer_is_relayed_in_order() {
     .await;
     relay.stop().await;
 }
+
+/// PostgreSQL sends a commit to the slot once it is in the log, a moment before it is
+/// visible (with a synchronous standby, only once the standby confirmed). Here the
+/// standby never confirms until the commit's wait is cancelled. The relay publishes the
+/// row, cannot delete it yet, must not let the slot move past it, and deletes it once
+/// the commit is visible. (Were the slot moved on, the row would stay in the table.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_streamed_before_it_is_visible_is_deleted_once_it_is() {
+    let Some(f) = PgFactory::tailing().await else {
+        return;
+    };
+    let slot = f.slot.clone().unwrap();
+    let stall = SyncStandbyStall::arm(&f.url()).await;
+    let producer = f.store_with(&[("synchronous_commit", "on")]).await;
+    let mut tx = producer.pool().begin().await.unwrap();
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    // A session takes a reloaded setting in after its next statement: poll (wait_until
+    // cannot lend the transaction to its closure).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let names: String = sqlx::query_scalar("SHOW synchronous_standby_names")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        if names == NEVER_STANDBY {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting until the producer's session sees the standby list"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let src = f.tailing_source().await;
+    let mut cfg = courier_core::RelayConfig::default().instance("stall");
+    cfg.poll_interval = Duration::from_millis(50);
+    let relay = RunningRelay::start(src, f.publisher(), cfg);
+    let ch = ChannelName::new(courier_testkit::unique("stall")).unwrap();
+    let m = Message::new("stalled").to(ch.clone());
+    producer
+        .outbox()
+        .send_all(&mut tx, std::slice::from_ref(&m))
+        .await
+        .unwrap();
+    let commit = tokio::spawn(tx.commit());
+    courier_testkit::wait_until(
+        Duration::from_secs(10),
+        "the commit waits for the standby",
+        || async {
+            let waiting: Option<String> =
+                sqlx::query_scalar("SELECT wait_event FROM pg_stat_activity WHERE pid = $1")
+                    .bind(pid)
+                    .fetch_optional(f.store.pool())
+                    .await
+                    .unwrap();
+            waiting.as_deref() == Some("SyncRep")
+        },
+    )
+    .await;
+    // The commit record is in the log by now.
+    let logged: String = sqlx::query_scalar("SELECT pg_current_wal_flush_lsn()::text")
+        .fetch_one(f.store.pool())
+        .await
+        .unwrap();
+    courier_testkit::wait_until(Duration::from_secs(10), "the row published", || async {
+        !f.arrived(&ch).await.unwrap().is_empty()
+    })
+    .await;
+    courier_testkit::wait_until(
+        Duration::from_secs(20),
+        "the relay waited for the commit, gave up for now and will try again",
+        || async {
+            relay
+                .stats
+                .failed_steps
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= 1
+        },
+    )
+    .await;
+    let slot_past = |lsn: String| {
+        let pool = f.store.pool().clone();
+        let slot = slot.clone();
+        async move {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT confirmed_flush_lsn >= $2::pg_lsn FROM pg_replication_slots
+                 WHERE slot_name = $1",
+            )
+            .bind(slot)
+            .bind(lsn)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert!(
+        !slot_past(logged.clone()).await,
+        "the slot moved past a published row that is still in the table"
+    );
+
+    // The standby "confirms": the commit becomes visible.
+    sqlx::query("SELECT pg_cancel_backend($1)")
+        .bind(pid)
+        .execute(f.store.pool())
+        .await
+        .unwrap();
+    commit.await.unwrap().unwrap();
+    drop(stall);
+    courier_testkit::wait_until(Duration::from_secs(20), "outbox empty", || async {
+        f.outbox_len().await.unwrap() == 0
+    })
+    .await;
+    courier_testkit::wait_until(
+        Duration::from_secs(20),
+        "the slot moved past the commit",
+        || slot_past(logged.clone()),
+    )
+    .await;
+    let arrived = f.arrived(&ch).await.unwrap();
+    assert!(arrived.iter().all(|a| a.id == m.id), "{arrived:?}");
+    relay.stop().await;
+}

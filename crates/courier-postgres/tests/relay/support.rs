@@ -125,15 +125,104 @@ impl PgFactory {
     }
 }
 
+impl PgFactory {
+    /// The server's URL.
+    pub fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    /// A store on the factory's schema whose connections set `settings` too.
+    pub async fn store_with(&self, settings: &[(&str, &str)]) -> PgStore {
+        store_with(&self.url, &self.schema, settings).await
+    }
+}
+
 /// A store on a pool of its own whose connections use `schema` (like another process).
 async fn store_on(url: &str, schema: &str) -> PgStore {
+    store_with(url, schema, &[]).await
+}
+
+async fn store_with(url: &str, schema: &str, settings: &[(&str, &str)]) -> PgStore {
     let options: PgConnectOptions = url.parse().unwrap();
+    let options = options
+        .options([("search_path", schema)])
+        .options(settings.iter().copied());
     let pool = PgPoolOptions::new()
         .max_connections(4)
-        .connect_with(options.options([("search_path", schema)]))
+        .connect_with(options)
         .await
         .unwrap();
     PgStore::open(pool).await.unwrap()
+}
+
+/// The standby name [`SyncStandbyStall`] waits for; no server has it.
+pub const NEVER_STANDBY: &str = "courier_test_never";
+
+/// While it lives, commits of sessions that set `synchronous_commit = on` wait for a
+/// synchronous standby that never comes (until their wait is cancelled): such a commit
+/// is in the log, and sent to logical replication slots, but not yet visible. Every other
+/// session runs with `synchronous_commit = local` meanwhile (the server's default is
+/// changed with the standby list, in one reload), so other tests do not wait. Dropping it
+/// puts both settings back; `.ci/run` does too, after a run that was killed.
+pub struct SyncStandbyStall {
+    url: String,
+}
+
+impl SyncStandbyStall {
+    pub async fn arm(url: &str) -> SyncStandbyStall {
+        let mut conn = PgConnection::connect(url).await.unwrap();
+        let names: String = sqlx::query_scalar("SHOW synchronous_standby_names")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert!(
+            names.is_empty() || names == NEVER_STANDBY,
+            "this test needs a server without synchronous standbys; it has \
+             synchronous_standby_names = '{names}'"
+        );
+        for statement in [
+            "ALTER SYSTEM SET synchronous_commit = local",
+            "ALTER SYSTEM SET synchronous_standby_names = 'courier_test_never'",
+            "SELECT pg_reload_conf()",
+        ] {
+            sqlx::query(statement).execute(&mut conn).await.unwrap();
+        }
+        conn.close().await.unwrap();
+        SyncStandbyStall {
+            url: url.to_owned(),
+        }
+    }
+}
+
+impl Drop for SyncStandbyStall {
+    fn drop(&mut self) {
+        let url = self.url.clone();
+        // Drop runs inside the test's runtime: reset on a runtime of our own.
+        let reset = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let mut conn = PgConnection::connect(&url).await.unwrap();
+                for statement in [
+                    "ALTER SYSTEM RESET synchronous_standby_names",
+                    "ALTER SYSTEM RESET synchronous_commit",
+                    "SELECT pg_reload_conf()",
+                ] {
+                    sqlx::query(statement).execute(&mut conn).await.unwrap();
+                }
+                let _ = conn.close().await;
+            });
+        });
+        if reset.join().is_err() {
+            eprintln!(
+                "could not reset synchronous_standby_names: run ALTER SYSTEM RESET \
+                 synchronous_standby_names; ALTER SYSTEM RESET synchronous_commit; SELECT \
+                 pg_reload_conf();"
+            );
+        }
+    }
 }
 
 /// Drop inactive `courier_test_*` slots older than [`STALE_SLOT`] (and their publications).
