@@ -216,8 +216,8 @@ impl Buffer {
         }
     }
 
-    /// The transaction ids of those of rows `seqs` that came from the stream (not rows
-    /// relayed from the table by the backfill), with their rows.
+    /// Each of rows `seqs` that came from the stream, with its transaction id (rows the
+    /// backfill relayed from the table have none here).
     pub(super) fn xids(&self, seqs: &HashSet<i64>) -> Vec<(i64, u32)> {
         self.txns
             .iter()

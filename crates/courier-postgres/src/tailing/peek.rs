@@ -175,30 +175,24 @@ impl PgLogTailing {
             // visible when read, so one the delete did not find is gone.
             let xids = self.inner.shared.lock().buf.xids(&missing);
             let running = in_progress(store, &xids).await?;
+            let waiting: HashSet<i64> = xids
+                .iter()
+                .filter(|(_, xid)| running.contains(xid))
+                .map(|(seq, _)| *seq)
+                .collect();
             // First looked at, then deleted: a transaction visible to the first statement
             // is visible to the second.
-            let visible: Vec<i64> = missing
-                .iter()
-                .copied()
-                .filter(|seq| {
-                    !xids
-                        .iter()
-                        .any(|(s, xid)| s == seq && running.contains(xid))
-                })
-                .collect();
-            if !visible.is_empty() {
-                if store
+            let visible: Vec<i64> = missing.difference(&waiting).copied().collect();
+            if !visible.is_empty()
+                && store
                     .outbox_delete_rows(&visible, holder, generation)
                     .await?
                     .is_none()
-                {
-                    self.lease_lost(holder);
-                    return Ok(false);
-                }
-                for seq in &visible {
-                    missing.remove(seq);
-                }
+            {
+                self.lease_lost(holder);
+                return Ok(false);
             }
+            missing = waiting;
             if missing.is_empty() {
                 break;
             }
@@ -209,13 +203,13 @@ impl PgLogTailing {
                     .filter(|s| !missing.contains(s))
                     .collect();
                 self.confirm_in_stream(&done);
-                let mut waiting: Vec<u32> = running.into_iter().collect();
-                waiting.sort_unstable();
+                let mut xids: Vec<u32> = running.into_iter().collect();
+                xids.sort_unstable();
                 return Err(Error::new(
                     ErrorKind::Unavailable,
                     format!(
                         "{} published outbox row(s) cannot be deleted yet: the log sent \
-                         their transaction(s) {waiting:?} as committed, but after {:?} they \
+                         their transaction(s) {xids:?} as committed, but after {:?} they \
                          are still not visible on {} (a commit waiting for a synchronous \
                          standby, see synchronous_standby_names?); they are published again \
                          (same ids) and deleted once visible",
